@@ -1,0 +1,3 @@
+from trimta.cli import main
+
+raise SystemExit(main())
