@@ -1,0 +1,110 @@
+"""The `trimta` command: arguments, exit codes and user-facing errors.
+
+Exit codes: 0 success, 1 runtime failure, 2 invalid usage or configuration.
+Each failure prints one line per problem on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from trimta import __version__
+from trimta.config.load import ConfigError, default_text, load_default, load_file
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"trimta: {message} (see trimta --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser of the command line and its subcommands."""
+    parser = _Parser(prog="trimta", description="trimta mail transfer agent")
+    parser.add_argument("--version", action="version", version=f"trimta {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument(
+        "--config", type=Path, help="TOML configuration file (default: embedded)"
+    )
+    serve.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="lowest level of log lines written to stderr (default: INFO)",
+    )
+
+    check = commands.add_parser("check-config", help="check a configuration file")
+    check.add_argument("file", nargs="?", type=Path, help="TOML file to check")
+    check.add_argument(
+        "--defaults",
+        action="store_true",
+        help="print the embedded default configuration as TOML",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line and return the process exit code."""
+    args = build_parser().parse_args(argv)
+    handlers = {"serve": _run_serve, "check-config": _run_check_config}
+    return handlers[args.command](args)
+
+
+def _load(path: Path | None):
+    return load_default() if path is None else load_file(path)
+
+
+def _report_config_error(error: ConfigError) -> int:
+    for line in error.lines():
+        print(f"trimta: {line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _run_check_config(args: argparse.Namespace) -> int:
+    if args.defaults:
+        sys.stdout.write(default_text())
+        return EXIT_OK
+    if args.file is None:
+        print("trimta: check-config needs a FILE or --defaults", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        load_file(args.file)
+    except ConfigError as error:
+        return _report_config_error(error)
+    print(f"config {args.file}: valid")
+    return EXIT_OK
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = _load(args.config)
+    except ConfigError as error:
+        return _report_config_error(error)
+
+    # Imported here so that check-config does not pay for trio's import.
+    from trimta.daemon import StartupError, run
+
+    try:
+        graceful = run(config)
+    except StartupError as error:
+        print(f"trimta: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    if not graceful:
+        print("trimta: stopped at once by a second signal", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK

@@ -1,0 +1,131 @@
+"""Rules of the configuration that one value's type cannot express."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from trimta.config.model import LISTENER_KINDS, Config
+from trimta.config.values import HOSTNAME_PATTERN
+from trimta.smtp.address import AddressError, normalize_domain
+
+# (key path, minimum) for every whole-number setting.
+_MINIMUMS = (
+    ("delivery.max_concurrency", 1),
+    ("delivery.per_domain_concurrency", 1),
+    ("limits.max_message_size", 0),
+    ("limits.max_recipients", 1),
+    ("limits.max_errors", 1),
+    ("limits.min_data_rate", 0),
+    ("limits.max_sessions", 1),
+    ("limits.max_sessions_per_client", 1),
+)
+
+Finding = tuple[str, object, str]
+
+
+def run(config: Config) -> Iterator[Finding]:
+    """Yield (key path, value, expectation) for each broken rule."""
+    yield from _check_minimums(config)
+    yield from _check_hostname(config)
+    yield from _check_listeners(config)
+    yield from _check_domains(config)
+    yield from _check_local(config)
+    yield from _check_delivery(config)
+
+
+def _get(config: Config, path: str) -> object:
+    value: object = config
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _check_minimums(config: Config) -> Iterator[Finding]:
+    for path, minimum in _MINIMUMS:
+        value = _get(config, path)
+        if value < minimum:  # type: ignore[operator]
+            yield path, value, f"must be {minimum} or more"
+
+
+def _check_hostname(config: Config) -> Iterator[Finding]:
+    if not HOSTNAME_PATTERN.fullmatch(config.hostname):
+        yield (
+            "hostname",
+            config.hostname,
+            'expected a fully qualified host name such as "mail.example.org"',
+        )
+
+
+def _check_listeners(config: Config) -> Iterator[Finding]:
+    if not config.listener:
+        yield "listener", [], "at least one [[listener]] table is needed"
+    seen = set()
+    for index, listener in enumerate(config.listener):
+        if listener.kind not in LISTENER_KINDS:
+            yield (
+                f"listener[{index}].kind",
+                listener.kind,
+                "expected one of: " + ", ".join(LISTENER_KINDS),
+            )
+        if listener.address in seen:
+            yield (
+                f"listener[{index}].address",
+                str(listener.address),
+                "this address is already used by another listener",
+            )
+        seen.add(listener.address)
+
+
+def _check_domains(config: Config) -> Iterator[Finding]:
+    owner: dict[str, str] = {}
+    for role in ("local", "relay", "hold"):
+        for index, domain in enumerate(getattr(config.domains, role)):
+            if domain in owner:
+                yield (
+                    f"domains.{role}[{index}]",
+                    domain,
+                    f"already listed in domains.{owner[domain]}; "
+                    "a domain takes one role",
+                )
+            owner.setdefault(domain, role)
+
+
+def _check_local(config: Config) -> Iterator[Finding]:
+    local = set(config.domains.local)
+    for domain in config.local.users:
+        if domain not in local:
+            yield (
+                f'local.users."{domain}"',
+                list(config.local.users[domain]),
+                f'"{domain}" is not in domains.local; add it there or remove '
+                "this entry",
+            )
+    postmaster = config.local.postmaster
+    if postmaster:
+        _, at, domain = postmaster.rpartition("@")
+        if not at or _normalize(domain) not in local:
+            yield (
+                "local.postmaster",
+                postmaster,
+                "expected an address in one of domains.local, or \"\" for "
+                "each local domain's own postmaster mailbox",
+            )
+
+
+def _normalize(domain: str) -> str | None:
+    try:
+        return normalize_domain(domain)
+    except AddressError:
+        return None
+
+
+def _check_delivery(config: Config) -> Iterator[Finding]:
+    delivery = config.delivery
+    if delivery.min_backoff.seconds <= 0:
+        yield "delivery.min_backoff", str(delivery.min_backoff), "must be above 0"
+    if delivery.max_backoff < delivery.min_backoff:
+        yield (
+            "delivery.max_backoff",
+            str(delivery.max_backoff),
+            f"must not be below delivery.min_backoff ({delivery.min_backoff})",
+        )

@@ -1,0 +1,272 @@
+"""Load a TOML configuration file into a `Config`, or say what is wrong.
+
+Loading runs in three passes, and each one reports every problem it finds,
+not just the first:
+
+1. TOML syntax (tomllib names the line and column).
+2. Structure and types, by cattrs with one strict hook per value type and
+   unknown keys forbidden. cattrs raises a tree of exception groups whose
+   notes name the attribute or index at each level; `_walk_errors` turns
+   that tree into key paths such as `listener[0].address`.
+3. Rules that span several keys (a domain listed twice, backoffs in the
+   wrong order), checked on the structured `Config`.
+
+Every problem becomes one line: the key path, the value as written, and
+what is expected.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.errors import (
+    AttributeValidationNote,
+    ForbiddenExtraKeysError,
+    IterableValidationNote,
+)
+
+from trimta.config import checks
+from trimta.config.model import Config
+from trimta.config.values import (
+    DomainName,
+    Duration,
+    ListenAddress,
+    LocalPart,
+    NameserverAddress,
+    Network,
+    NextHop,
+    parse_duration,
+    parse_host_port,
+    parse_network,
+)
+from trimta.smtp.address import AddressError, normalize_domain
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+@attrs.frozen
+class Problem:
+    """One thing wrong in a configuration file.
+
+    Attributes:
+        path: Key path such as `listener[0].address`; empty for the file.
+        value: The value as written, or None when the key is missing.
+        expected: What the key needs, and how to write it.
+    """
+
+    path: str
+    value: object
+    expected: str
+
+    def __str__(self) -> str:
+        if not self.path:
+            return self.expected
+        if self.value is _MISSING:
+            return f"{self.path}: {self.expected}"
+        return f"{self.path} = {_show(self.value)}: {self.expected}"
+
+
+@attrs.define(eq=False)
+class ConfigError(Exception):
+    """A configuration that cannot be used, with every problem found.
+
+    Attributes:
+        source: The file name, or "<default>" for the embedded default.
+        problems: The problems, in file order where known.
+    """
+
+    source: str
+    problems: list[Problem]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    def lines(self) -> list[str]:
+        """Format one line per problem, each naming the file."""
+        return [f"config {self.source}: {problem}" for problem in self.problems]
+
+
+_MISSING = object()
+DEFAULT_SOURCE = "<default>"
+
+
+def default_text() -> str:
+    """Return the embedded default configuration as TOML text."""
+    resource = importlib.resources.files("trimta.config") / "default.toml"
+    return resource.read_text(encoding="utf-8")
+
+
+def load_default() -> Config:
+    """Load the embedded default configuration."""
+    return parse_text(default_text(), DEFAULT_SOURCE)
+
+
+def load_file(path: Path) -> Config:
+    """Read and check one configuration file.
+
+    Raises:
+        ConfigError: The file cannot be read or has problems.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = Problem("", _MISSING, f"cannot read the file: {exc}")
+        raise ConfigError(str(path), [problem]) from exc
+    return parse_text(text, str(path))
+
+
+def parse_text(text: str, source: str) -> Config:
+    """Parse TOML text into a checked `Config`.
+
+    Raises:
+        ConfigError: The text is not TOML or breaks a rule of the format.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        problem = Problem("", _MISSING, f"invalid TOML: {exc}")
+        raise ConfigError(source, [problem]) from exc
+    try:
+        config = _CONVERTER.structure(raw, Config)
+    except Exception as exc:  # cattrs raises exception groups of any kind
+        problems = list(_walk_errors(exc, [], raw))
+        if not problems:
+            raise
+        raise ConfigError(source, problems) from exc
+    problems = [Problem(path, value, want) for path, value, want in checks.run(config)]
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def _walk_errors(exc: BaseException, path: list[object], raw: object):
+    """Yield a Problem for each leaf error of a cattrs exception tree."""
+    for sub in getattr(exc, "exceptions", None) or ():
+        yield from _walk_errors(sub, path + _note_segments(sub), raw)
+    if isinstance(exc, ForbiddenExtraKeysError):
+        known = ", ".join(field.name for field in attrs.fields(exc.cl))
+        for key in sorted(exc.extra_fields):
+            yield Problem(
+                _format_path(path + [key]),
+                _MISSING,
+                f"unknown key; the keys here are: {known}",
+            )
+    elif isinstance(exc, KeyError) and not hasattr(exc, "exceptions"):
+        yield Problem(_format_path(path), _MISSING, "missing; this key is required")
+    elif isinstance(exc, (ValueError, TypeError)) and not hasattr(exc, "exceptions"):
+        yield Problem(_format_path(path), _lookup(raw, path), str(exc))
+
+
+def _note_segments(exc: BaseException) -> list[object]:
+    segments: list[object] = []
+    for note in getattr(exc, "__notes__", ()):
+        if isinstance(note, AttributeValidationNote):
+            segments.append(note.name)
+        elif isinstance(note, IterableValidationNote):
+            segments.append(_Index(note.index))
+    return segments
+
+
+@attrs.frozen
+class _Index:
+    """A list index or mapping key in a key path."""
+
+    key: object
+
+
+def _format_path(segments: list[object]) -> str:
+    text = ""
+    for segment in segments:
+        if isinstance(segment, _Index) and isinstance(segment.key, int):
+            text += f"[{segment.key}]"
+            continue
+        name = segment.key if isinstance(segment, _Index) else segment
+        name = str(name)
+        if not name.replace("_", "").replace("-", "").isalnum():
+            name = f'"{name}"'
+        text += f".{name}" if text else name
+    return text
+
+
+def _lookup(raw: object, segments: list[object]) -> object:
+    value = raw
+    for segment in segments:
+        key = segment.key if isinstance(segment, _Index) else segment
+        try:
+            value = value[key]  # type: ignore[index]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return value
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        return '"' + shown.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _strict(kind: type, what: str):
+    def structure(value: Any, _type: object) -> Any:
+        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+            raise ValueError(f"expected {what}")
+        return value
+
+    return structure
+
+
+def _structure_domain(value: Any, _type: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError('expected a domain name string, e.g. "example.org"')
+    try:
+        return normalize_domain(value)
+    except AddressError as exc:
+        raise ValueError(f'expected a domain name such as "example.org": {exc}') from None
+
+
+def _structure_path(value: Any, _type: object) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError('expected a folder path string, e.g. "/var/spool/trimta"')
+    return Path(value).expanduser()
+
+
+def _structure_local_part(value: Any, _type: object) -> str:
+    if not isinstance(value, str) or not value or "@" in value:
+        raise ValueError('expected a local part without "@", e.g. "alice"')
+    return value.lower()
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook(str, _strict(str, "a string"))
+    converter.register_structure_hook(int, _strict(int, "a whole number"))
+    converter.register_structure_hook(bool, _strict(bool, "true or false"))
+    converter.register_structure_hook(Path, _structure_path)
+    converter.register_structure_hook(DomainName, _structure_domain)
+    converter.register_structure_hook(Duration, lambda v, _: parse_duration(v))
+    converter.register_structure_hook(Network, lambda v, _: parse_network(v))
+    converter.register_structure_hook(
+        ListenAddress, lambda v, _: parse_host_port(v, ip_only=True)
+    )
+    converter.register_structure_hook(
+        NextHop, lambda v, _: parse_host_port(v, default_port=25)
+    )
+    converter.register_structure_hook(
+        NameserverAddress, lambda v, _: parse_host_port(v, default_port=53)
+    )
+    converter.register_structure_hook(LocalPart, _structure_local_part)
+    return converter
+
+
+_CONVERTER = _make_converter()

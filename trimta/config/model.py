@@ -1,0 +1,179 @@
+"""The configuration as typed values: one attrs class per TOML table.
+
+Every field here is the validated, normalised form of one TOML key; the
+TOML spelling of each key is the field name. Loading, checking and error
+messages live in `load.py`, and the value types that need parsing
+(durations, "host:port" strings, networks) in `values.py`.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import attrs
+
+from trimta.config.values import (
+    DomainName,
+    Duration,
+    HostPort,
+    ListenAddress,
+    LocalPart,
+    NameserverAddress,
+    Network,
+    NextHop,
+)
+
+LISTENER_KINDS = ("smtp",)
+
+
+@attrs.frozen
+class Listener:
+    """One socket that accepts SMTP sessions.
+
+    Attributes:
+        address: Where to listen; the host is an IP address, "*" for every
+            address, or "localhost".
+        kind: The protocol served: "smtp" (mail exchange and relay).
+    """
+
+    address: ListenAddress
+    kind: str = "smtp"
+
+
+@attrs.frozen
+class Domains:
+    """The domains trimta accepts mail for, as lowercase A-labels.
+
+    Attributes:
+        local: Delivered into Maildir folders under `local.maildir_root`.
+        relay: Queued and relayed to the domain's next hop.
+        hold: Queued and kept until the domain's owner asks for it.
+    """
+
+    local: tuple[DomainName, ...] = (DomainName("localhost"),)
+    relay: tuple[DomainName, ...] = ()
+    hold: tuple[DomainName, ...] = ()
+
+
+@attrs.frozen
+class Relay:
+    """Relay permission for clients outside the served domains.
+
+    Attributes:
+        trusted_networks: Client networks allowed to send to any domain.
+    """
+
+    trusted_networks: tuple[Network, ...] = ()
+
+
+@attrs.frozen
+class Local:
+    """Local delivery into Maildir folders.
+
+    Attributes:
+        maildir_root: Folder under which each local domain has one folder
+            holding one Maildir per mailbox.
+        postmaster: Address (in a local domain) that receives mail for
+            `postmaster` of every local domain; empty means each local
+            domain's own `postmaster` mailbox.
+        users: Per local domain, the only local parts that exist (compared
+            without case); a domain not listed accepts every local part.
+    """
+
+    maildir_root: Path = Path("mail")
+    postmaster: str = ""
+    users: dict[DomainName, tuple[LocalPart, ...]] = attrs.Factory(dict)
+
+
+@attrs.frozen
+class Dns:
+    """The DNS resolver used for MX lookups.
+
+    Attributes:
+        nameservers: Servers to ask; empty means the system's resolv.conf.
+    """
+
+    nameservers: tuple[NameserverAddress, ...] = ()
+
+
+@attrs.frozen
+class Delivery:
+    """Limits and schedule of outbound delivery.
+
+    Attributes:
+        max_concurrency: Delivery tasks running at once, over all domains.
+        per_domain_concurrency: Delivery tasks running at once per domain.
+        min_backoff: First delay before retrying a deferred message.
+        max_backoff: Longest delay between two retries.
+        max_queue_lifetime: Age after which a deferred message bounces.
+    """
+
+    max_concurrency: int = 20
+    per_domain_concurrency: int = 4
+    min_backoff: Duration = Duration(300)
+    max_backoff: Duration = Duration(4000)
+    max_queue_lifetime: Duration = Duration(5 * 86400)
+
+
+@attrs.frozen
+class Limits:
+    """Per-session and per-server limits of the SMTP receiver.
+
+    Attributes:
+        max_message_size: Largest message accepted, in octets (0: no limit).
+        max_recipients: Recipients accepted per message; more get 452.
+        max_errors: Protocol errors per session before it is closed.
+        command_timeout: Time allowed for one whole command line, counted
+            from the previous reply, so a client that sends a byte now and
+            then is still closed (RFC 5321 4.5.3.2.7 sets 5 minutes).
+        data_timeout: Time allowed for the message text beyond what
+            `min_data_rate` earns.
+        min_data_rate: Slowest average DATA rate accepted, in octets per
+            second: DATA must end within `data_timeout` plus one second per
+            `min_data_rate` octets received.
+        max_sessions: Sessions open at once over all clients.
+        max_sessions_per_client: Sessions open at once from one address.
+        shutdown_grace: Time given to open sessions when stopping.
+    """
+
+    max_message_size: int = 10_240_000
+    max_recipients: int = 100
+    max_errors: int = 20
+    command_timeout: Duration = Duration(300)
+    data_timeout: Duration = Duration(300)
+    min_data_rate: int = 500
+    max_sessions: int = 1000
+    max_sessions_per_client: int = 20
+    shutdown_grace: Duration = Duration(10)
+
+
+def default_hostname() -> str:
+    """Return this machine's fully qualified name, for greetings."""
+    return socket.getfqdn() or "localhost"
+
+
+def default_listeners() -> tuple[Listener, ...]:
+    return (Listener(address=ListenAddress(HostPort("127.0.0.1", 2525))),)
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration of one trimta daemon.
+
+    Attributes:
+        hostname: Name used in the greeting, EHLO reply and Received:.
+        spool: Folder of the message spool.
+        listener: The sockets to accept SMTP sessions on.
+    """
+
+    hostname: str = attrs.Factory(default_hostname)
+    spool: Path = Path("spool")
+    listener: tuple[Listener, ...] = attrs.Factory(default_listeners)
+    domains: Domains = Domains()
+    relay: Relay = Relay()
+    local: Local = Local()
+    routes: dict[DomainName, tuple[NextHop, ...]] = attrs.Factory(dict)
+    dns: Dns = Dns()
+    delivery: Delivery = Delivery()
+    limits: Limits = Limits()
