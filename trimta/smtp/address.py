@@ -27,7 +27,9 @@ MAX_LABEL = 63  # octets, RFC 1035 2.3.4
 # RFC 5321 4.1.2 atext; RFC 6531 3.3 adds every non-ASCII character when
 # the client declared SMTPUTF8.
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
-_DOT_STRING = re.compile(rf"[{_ATEXT}\u0080-\U0010ffff]+(?:\.[{_ATEXT}\u0080-\U0010ffff]+)*")
+_DOT_STRING = re.compile(
+    rf"[{_ATEXT}\u0080-\U0010ffff]+(?:\.[{_ATEXT}\u0080-\U0010ffff]+)*"
+)
 _ASCII_DOT_STRING = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
 _LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 _IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
@@ -40,7 +42,7 @@ _QTEXT = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]")
 class Address:
     """A mailbox: local part and domain.
 
-    ``local`` is the local part as the mailbox sees it (a quoted local part
+    ``local`` is the local part used for delivery (a quoted local part
     is stored unquoted and unescaped). ``domain`` is the lowercase A-label
     domain, an address literal with its brackets (``[192.0.2.1]``,
     ``[IPv6:2001:db8::1]``), or "" for the bare ``<Postmaster>``.
@@ -93,7 +95,9 @@ def normalize_domain(text: str) -> str:
     else:
         domain = _encode_idna(text)
     if domain.endswith("."):
-        raise AddressError(f"domain {text!r} ends with a dot, which SMTP paths do not allow", text)
+        raise AddressError(
+            f"domain {text!r} ends with a dot, which SMTP paths do not allow", text
+        )
     if len(domain) > MAX_DOMAIN:
         raise AddressError(f"domain is longer than {MAX_DOMAIN} octets", text)
     for label in domain.split("."):
@@ -105,7 +109,9 @@ def _encode_idna(text: str) -> str:
     try:
         return idna.encode(text, uts46=True).decode("ascii").lower()
     except idna.IDNAError as error:
-        raise AddressError(f"domain {text!r} is not a valid IDN: {error}", text) from error
+        raise AddressError(
+            f"domain {text!r} is not a valid IDN: {error}", text
+        ) from error
 
 
 def _check_label(label: str, domain: str) -> None:
@@ -113,7 +119,9 @@ def _check_label(label: str, domain: str) -> None:
     if not label:
         raise AddressError(f"domain {domain!r} has an empty label", domain)
     if len(label) > MAX_LABEL:
-        raise AddressError(f"domain label {label[:20]!r}... is longer than {MAX_LABEL} octets", domain)
+        raise AddressError(
+            f"domain label {label[:20]!r}... is longer than {MAX_LABEL} octets", domain
+        )
     if not _LDH_LABEL.fullmatch(label):
         raise AddressError(
             f"domain label {label!r} must be letters, digits and inner hyphens", domain
@@ -122,7 +130,9 @@ def _check_label(label: str, domain: str) -> None:
         try:
             idna.decode(label)
         except idna.IDNAError as error:
-            raise AddressError(f"domain label {label!r} is not a valid A-label", domain) from error
+            raise AddressError(
+                f"domain label {label!r} is not a valid A-label", domain
+            ) from error
 
 
 def find_path_end(text: str) -> int:
@@ -164,7 +174,7 @@ def parse_path(
         The mailbox, or None for the null path.
 
     Raises:
-        AddressError: the path is invalid; ``needs_smtputf8`` is set when
+        AddressError: the path is invalid. ``needs_smtputf8`` is set when
             it only fails because of non-ASCII characters.
     """
     if len(text) < 2 or text[0] != "<" or text[-1] != ">":
@@ -173,7 +183,9 @@ def parse_path(
     if not inner:
         if allow_null:
             return None
-        raise AddressError("null path <> is only valid as the MAIL FROM reverse-path", text)
+        raise AddressError(
+            "null path <> is only valid as the MAIL FROM reverse-path", text
+        )
     if inner.lower() == "postmaster" and allow_postmaster:
         return Address(local="postmaster", domain="")
     if not utf8 and not inner.isascii():
@@ -214,11 +226,20 @@ def parse_mailbox(text: str, *, utf8: bool) -> Address:
         raise AddressError("mailbox needs '@' and a domain", text)
     domain_text = rest[1:]
     if domain_text.startswith("["):
-        return Address(local=_unquote(local), domain=parse_address_literal(domain_text), is_literal=True)
+        return Address(
+            local=_unquote(local),
+            domain=parse_address_literal(domain_text),
+            is_literal=True,
+        )
     if "@" in domain_text:
-        raise AddressError("mailbox has more than one '@'; quote the local part", text)
+        raise AddressError(
+            "mailbox has more than one '@', which only a quoted local part may contain",
+            text,
+        )
     domain = normalize_domain(domain_text)
-    return Address(local=_unquote(local), domain=domain, utf8_domain=not domain_text.isascii())
+    return Address(
+        local=_unquote(local), domain=domain, utf8_domain=not domain_text.isascii()
+    )
 
 
 def _split_local_part(text: str, *, utf8: bool) -> tuple[str, str]:
@@ -230,7 +251,8 @@ def _split_local_part(text: str, *, utf8: bool) -> tuple[str, str]:
     pattern = _DOT_STRING if utf8 else _ASCII_DOT_STRING
     if not pattern.fullmatch(local):
         raise AddressError(
-            f"local part {local!r} is invalid: use atoms separated by single dots, or quote it",
+            f"local part {local!r} is invalid: use atoms separated by single dots,"
+            " or quote it",
             text,
         )
     return local, at + domain
@@ -245,11 +267,16 @@ def _quoted_string_end(text: str) -> int:
             return index + 1
         if char == "\\":
             if index + 1 >= len(text) or not "\x20" <= text[index + 1] <= "\x7e":
-                raise AddressError("backslash in quoted local part must escape a printable character", text)
+                raise AddressError(
+                    "backslash in quoted local part must escape a printable character",
+                    text,
+                )
             index += 2
             continue
         if not _QTEXT.fullmatch(char):
-            raise AddressError(f"quoted local part contains invalid character {char!r}", text)
+            raise AddressError(
+                f"quoted local part contains invalid character {char!r}", text
+            )
         index += 1
     raise AddressError("quoted local part has no closing '\"'", text)
 

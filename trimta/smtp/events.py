@@ -1,0 +1,127 @@
+"""Events that ``ServerConnection.next_event`` returns to its driver.
+
+Events after which the driver must call ``send_reply`` are MailFrom,
+RcptTo, EndOfMessage and Etrn. The engine has already answered every
+other command itself.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+from trimta.smtp.address import Address
+from trimta.smtp.replies import Reply
+
+
+class NeedData(enum.Enum):
+    """Type of the NEED_DATA sentinel."""
+
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA = NeedData.NEED_DATA
+"""Sentinel from next_event: send queued replies, then feed more input."""
+
+
+@attrs.frozen
+class Ehlo:
+    """A successful EHLO (``extended``) or HELO, already answered with 250.
+
+    ``name`` is the client's domain or address literal as sent.
+    """
+
+    name: str
+    extended: bool
+
+
+@attrs.frozen
+class MailFrom:
+    """A syntactically valid MAIL command; the driver must reply.
+
+    ``sender`` is None for the null reverse-path ``<>``. ``params`` maps
+    upper-case ESMTP keywords to their values (None for a keyword without
+    "="); SIZE, BODY, SMTPUTF8, RET and ENVID are already validated.
+    """
+
+    sender: Address | None
+    params: dict[str, str | None] = attrs.field(eq=True, hash=False)
+
+
+@attrs.frozen
+class RcptTo:
+    """A syntactically valid RCPT command; the driver must reply.
+
+    ``recipient.domain`` is "" for ``<Postmaster>``. ``params`` holds the
+    validated NOTIFY and ORCPT parameters (RFC 3461).
+    """
+
+    recipient: Address
+    params: dict[str, str | None] = attrs.field(eq=True, hash=False)
+
+
+@attrs.frozen
+class DataStarted:
+    """DATA was accepted with 354; MessageData events follow."""
+
+
+@attrs.frozen
+class MessageData:
+    """A chunk of message content, dot-stuffing removed, CRLF kept."""
+
+    data: bytes
+
+
+@attrs.frozen
+class EndOfMessage:
+    """The final dot arrived and the message passed the checks; the driver must reply.
+
+    ``size`` is the message size in octets after unstuffing, and
+    ``received_headers`` the number of Received fields in its header.
+    """
+
+    size: int
+    received_headers: int
+
+
+@attrs.frozen
+class MessageAborted:
+    """The message was rejected or cut off; discard what arrived.
+
+    ``reply`` was already queued by the engine, except when the peer
+    closed the connection in DATA: then it is a 451 that is never sent.
+    """
+
+    reply: Reply
+
+
+@attrs.frozen
+class Etrn:
+    """An ETRN command with an argument (RFC 1985); the driver must reply."""
+
+    argument: str
+
+
+@attrs.frozen
+class Quit:
+    """QUIT was answered with 221; ConnectionClosed follows."""
+
+
+@attrs.frozen
+class ConnectionClosed:
+    """The session is over; the driver closes the transport."""
+
+
+Event = (
+    Ehlo
+    | MailFrom
+    | RcptTo
+    | DataStarted
+    | MessageData
+    | EndOfMessage
+    | MessageAborted
+    | Etrn
+    | Quit
+    | ConnectionClosed
+)

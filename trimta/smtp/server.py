@@ -1,0 +1,602 @@
+"""Sans-IO SMTP server engine (RFC 5321 with PIPELINING, SIZE, 8BITMIME,
+SMTPUTF8, ENHANCEDSTATUSCODES, DSN parameters and ETRN).
+
+Theory of operation. The driver feeds received bytes to ``receive_data``
+and calls ``next_event`` until it returns NEED_DATA, then sends
+``data_to_send()`` and reads more. The engine answers most commands
+itself and queues the replies. For MAIL, RCPT, the end of a message and
+ETRN it returns an event and stops until the driver calls ``send_reply``,
+because only the driver knows the relay policy and the spool. Commands
+are handled strictly in order: while a reply is owed, pipelined input
+stays in the buffer (RFC 2920 3.1).
+
+The command buffer never holds more than the longest allowed command
+line plus what the driver fed since the last NEED_DATA. An over-long line
+is discarded as it arrives, and once its CRLF comes it gets exactly one
+500 5.5.6. In the DATA state every received byte goes straight to the
+DotReader, which returns message content as MessageData events and keeps
+at most four octets.
+
+When the peer closes the connection (``receive_data(b"")``) the engine
+returns ConnectionClosed once the complete lines before the EOF have been
+handled. In the DATA state it first returns MessageAborted carrying a 451
+reply that is never sent, so the driver discards the partial message on
+the same path as any rejected message.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+
+import attrs
+
+from trimta.smtp import replies
+from trimta.smtp.address import Address, AddressError, parse_address_literal
+from trimta.smtp.dotstuff import DotReader, Problem
+from trimta.smtp.errors import LocalProtocolError, RemoteProtocolError
+from trimta.smtp.events import (
+    NEED_DATA,
+    NeedData,
+    ConnectionClosed,
+    DataStarted,
+    Ehlo,
+    EndOfMessage,
+    Etrn,
+    Event,
+    MailFrom,
+    MessageAborted,
+    MessageData,
+    Quit,
+    RcptTo,
+)
+from trimta.smtp.parse import (
+    MAX_ANY_COMMAND_LINE,
+    max_line_length,
+    parse_command,
+    parse_mail_argument,
+    parse_rcpt_argument,
+)
+from trimta.smtp.replies import Reply
+
+
+class State(enum.Enum):
+    """Phase of a server session."""
+
+    GREETING = "GREETING"  # before send_greeting or refuse_session
+    COMMAND = "COMMAND"
+    DATA = "DATA"  # between the 354 and the final dot
+    CLOSED = "CLOSED"
+
+
+@attrs.frozen
+class ServerSettings:
+    """Settings of one server session.
+
+    ``hostname`` is the name used in the greeting, EHLO and 221 replies.
+    ``max_message_size`` is in octets, advertised with SIZE; 0 means no
+    limit. ``max_recipients`` caps accepted RCPTs per transaction (RFC 5321
+    4.5.3.1.8 requires at least 100). After ``max_errors`` syntax or
+    sequence errors the session ends with 421 4.7.0. ``etrn`` advertises
+    ETRN; without it ETRN gets 502.
+    """
+
+    hostname: str
+    max_message_size: int = 10_240_000
+    max_recipients: int = 100
+    max_errors: int = 20
+    etrn: bool = False
+    greeting_text: str = "ESMTP trimta"
+
+
+class _LineTooLong(enum.Enum):
+    LINE_TOO_LONG = "LINE_TOO_LONG"
+
+
+_LINE_TOO_LONG = _LineTooLong.LINE_TOO_LONG
+
+_PROBLEM_REPLIES = {
+    Problem.BARE_LINE_ENDING: lambda reader: replies.bad_line_ending(),
+    Problem.TOO_BIG: lambda reader: replies.too_big(reader.max_size),
+    Problem.LINE_TOO_LONG: lambda reader: replies.text_line_too_long(),
+    Problem.MAIL_LOOP: lambda reader: replies.mail_loop(reader.received_headers),
+}
+
+
+class ServerConnection:
+    """State machine for one SMTP server session; see the module docstring."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        """Create a session in the GREETING state."""
+        self.settings = settings
+        self._state = State.GREETING
+        self._input = bytearray()
+        self._scan_from = 0  # offset in _input where the CRLF search resumes
+        self._discard_limit = 0  # nonzero while an over-long line is skipped
+        self._eof = False
+        self._output = bytearray()
+        self._events: collections.deque[Event] = collections.deque()
+        self._awaiting: Event | None = None
+        self._errors = 0
+        self._helo_name: str | None = None
+        self._extended = False
+        self._reader: DotReader | None = None
+        self._reset_transaction()
+
+    # Public read-only state.
+
+    @property
+    def state(self) -> State:
+        """Current phase of the session."""
+        return self._state
+
+    @property
+    def awaiting_reply(self) -> bool:
+        """Whether the driver owes a reply to the last event."""
+        return self._awaiting is not None
+
+    @property
+    def helo_name(self) -> str | None:
+        """Client name from the last successful EHLO or HELO."""
+        return self._helo_name
+
+    @property
+    def extended(self) -> bool:
+        """Whether the client greeted with EHLO rather than HELO."""
+        return self._extended
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a MAIL command was accepted and the transaction is open."""
+        return self._in_transaction
+
+    @property
+    def sender(self) -> Address | None:
+        """Accepted reverse-path; None for ``<>`` or outside a transaction."""
+        return self._sender
+
+    @property
+    def mail_params(self) -> dict[str, str | None]:
+        """ESMTP parameters of the accepted MAIL command."""
+        return dict(self._mail_params)
+
+    @property
+    def recipients(self) -> tuple[Address, ...]:
+        """Recipients accepted so far in this transaction."""
+        return tuple(self._recipients)
+
+    @property
+    def recipient_params(self) -> tuple[dict[str, str | None], ...]:
+        """ESMTP parameters of each accepted recipient, in the same order."""
+        return tuple(dict(params) for params in self._recipient_params)
+
+    # Driver API.
+
+    def send_greeting(self) -> None:
+        """Queue the 220 greeting and start reading commands."""
+        self._require_state(State.GREETING, "send_greeting")
+        settings = self.settings
+        self._queue(replies.greeting(settings.hostname, settings.greeting_text))
+        self._state = State.COMMAND
+
+    def refuse_session(self, reply: Reply) -> None:
+        """Queue a 421 or 554 in place of the greeting and close the session."""
+        self._require_state(State.GREETING, "refuse_session")
+        self._queue(reply)
+        self._state = State.CLOSED
+
+    def receive_data(self, data: bytes) -> None:
+        """Add received bytes; b"" means the peer closed its side."""
+        if self._eof:
+            raise LocalProtocolError("receive_data called after end of input (b'')")
+        if not data:
+            self._eof = True
+        elif self._state is not State.CLOSED:
+            self._input += data
+
+    def next_event(self) -> Event | NeedData:
+        """Handle buffered input up to the next event for the driver.
+
+        Returns:
+            An event, or NEED_DATA when all buffered input is handled.
+
+        Raises:
+            LocalProtocolError: a reply is still owed, or the greeting was
+                not sent yet.
+        """
+        if self._awaiting is not None:
+            raise LocalProtocolError(
+                f"send_reply is owed for {type(self._awaiting).__name__}"
+            )
+        if self._events:
+            return self._pop_event()
+        if self._state is State.GREETING:
+            raise LocalProtocolError("call send_greeting or refuse_session first")
+        if self._state is State.DATA:
+            return self._next_data_event()
+        if self._state is State.COMMAND:
+            return self._next_command_event()
+        return ConnectionClosed()
+
+    def send_reply(self, reply: Reply) -> None:
+        """Answer the pending MailFrom, RcptTo, EndOfMessage or Etrn event.
+
+        A 2xx reply to MailFrom opens the transaction and a 2xx reply to
+        RcptTo adds the recipient. Any reply to EndOfMessage ends the
+        transaction. A 421 reply also closes the session (RFC 5321 3.8).
+
+        Raises:
+            LocalProtocolError: no event is waiting, or reply is 3xx.
+        """
+        event = self._awaiting
+        if event is None:
+            raise LocalProtocolError(
+                "send_reply called but no event is waiting for a reply"
+            )
+        if reply.code // 100 == 3:
+            raise LocalProtocolError(
+                f"a {reply.code} reply cannot answer {type(event).__name__}"
+            )
+        self._awaiting = None
+        self._queue(reply)
+        if reply.code // 100 == 2:
+            self._apply_success(event)
+        if isinstance(event, EndOfMessage):
+            self._reset_transaction()
+        if reply.code == 421:
+            self._state = State.CLOSED
+
+    def close(self, reply: Reply) -> None:
+        """Queue a closing reply (e.g. 421 4.4.2 timeout) and end the session."""
+        if self._state is State.CLOSED:
+            raise LocalProtocolError("close called on a closed session")
+        self._awaiting = None
+        self._events.clear()
+        self._queue(reply)
+        self._state = State.CLOSED
+
+    def data_to_send(self) -> bytes:
+        """Return and clear the queued reply bytes."""
+        out = bytes(self._output)
+        self._output.clear()
+        return out
+
+    # Internals: bookkeeping.
+
+    def _require_state(self, state: State, call: str) -> None:
+        if self._state is not state:
+            raise LocalProtocolError(
+                f"{call} is only valid in state {state.name}, not {self._state.name}"
+            )
+
+    def _queue(self, reply: Reply) -> None:
+        self._output += reply.to_bytes()
+
+    def _reject(self, reply: Reply) -> ConnectionClosed | None:
+        """Queue an error reply that counts against max_errors."""
+        self._queue(reply)
+        self._errors += 1
+        if self._errors < self.settings.max_errors:
+            return None
+        self._queue(replies.too_many_errors())
+        self._state = State.CLOSED
+        return ConnectionClosed()
+
+    def _reset_transaction(self) -> None:
+        """Clear the mail transaction (RSET, EHLO, HELO, end of message)."""
+        self._in_transaction = False
+        self._sender: Address | None = None
+        self._mail_params: dict[str, str | None] = {}
+        self._utf8 = False
+        self._rcpt_seen = False
+        self._recipients: list[Address] = []
+        self._recipient_params: list[dict[str, str | None]] = []
+
+    def _apply_success(self, event: Event) -> None:
+        if isinstance(event, MailFrom):
+            self._in_transaction = True
+            self._sender = event.sender
+            self._mail_params = dict(event.params)
+            self._utf8 = "SMTPUTF8" in event.params
+        elif isinstance(event, RcptTo):
+            self._recipients.append(event.recipient)
+            self._recipient_params.append(dict(event.params))
+
+    def _pop_event(self) -> Event:
+        event = self._events.popleft()
+        if isinstance(event, EndOfMessage):
+            self._awaiting = event
+        return event
+
+    def _await(self, event: Event) -> Event:
+        self._awaiting = event
+        return event
+
+    # Internals: command phase.
+
+    def _next_command_event(self) -> Event | NeedData:
+        while self._state is State.COMMAND:
+            line = self._take_line()
+            if line is None:
+                if not self._eof:
+                    return NEED_DATA
+                self._state = State.CLOSED
+                return ConnectionClosed()
+            event = self._handle_line(line)
+            if event is not None:
+                return event
+        return self.next_event()
+
+    def _take_line(self) -> bytes | _LineTooLong | None:
+        """Remove one CRLF-terminated line from the input buffer."""
+        buffer = self._input
+        index = buffer.find(b"\r\n", self._scan_from)
+        if index < 0:
+            self._skip_long_line()
+            return None
+        line = bytes(buffer[:index])
+        del buffer[: index + 2]
+        self._scan_from = 0
+        if self._discard_limit:
+            return _LINE_TOO_LONG
+        return line
+
+    def _skip_long_line(self) -> None:
+        """Drop the start of a line that can no longer fit (memory bound)."""
+        buffer = self._input
+        if not self._discard_limit and len(buffer) >= MAX_ANY_COMMAND_LINE:
+            self._discard_limit = _line_limit(buffer)
+        if self._discard_limit:
+            # Keep a final CR: it may pair with an LF in the next input.
+            keep = 1 if buffer.endswith(b"\r") else 0
+            del buffer[: len(buffer) - keep]
+        self._scan_from = max(0, len(buffer) - 1)
+
+    def _handle_line(self, line: bytes | _LineTooLong) -> Event | None:
+        if line is _LINE_TOO_LONG:
+            limit, self._discard_limit = self._discard_limit, 0
+            return self._reject(replies.line_too_long(limit))
+        # The length check comes first so that the reply is the same
+        # whether the line arrived whole or was discarded piecemeal.
+        limit = _line_limit(line)
+        if len(line) + 2 > limit:
+            return self._reject(replies.line_too_long(limit))
+        # RFC 5321 2.3.8: CR and LF only appear together as the line end.
+        if b"\r" in line or b"\n" in line:
+            return self._reject(replies.bare_line_ending_in_command())
+        try:
+            command = parse_command(line)
+        except RemoteProtocolError as error:
+            return self._reject(error.reply)
+        handler = _COMMANDS.get(command.verb)
+        if handler is None:
+            return self._reject(replies.unknown_command(command.verb))
+        try:
+            return handler(self, command.argument)
+        except RemoteProtocolError as error:
+            return self._reject(error.reply)
+
+    # Command handlers: each returns an event or None, and raises
+    # RemoteProtocolError with the reply for a syntax error.
+
+    def _do_ehlo(self, argument: str) -> Event | None:
+        return self._greet(argument, extended=True)
+
+    def _do_helo(self, argument: str) -> Event | None:
+        return self._greet(argument, extended=False)
+
+    def _greet(self, argument: str, *, extended: bool) -> Event | None:
+        verb = "EHLO" if extended else "HELO"
+        _check_client_name(verb, argument)
+        # RFC 5321 4.1.4: a later EHLO or HELO resets like RSET.
+        self._reset_transaction()
+        self._helo_name, self._extended = argument, extended
+        hostname = self.settings.hostname
+        if extended:
+            self._queue(replies.ehlo_ok(hostname, argument, self._extensions()))
+        else:
+            self._queue(replies.helo_ok(hostname, argument))
+        return Ehlo(argument, extended)
+
+    def _extensions(self) -> list[str]:
+        keywords = [
+            "PIPELINING",
+            f"SIZE {self.settings.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "DSN",
+        ]
+        if self.settings.etrn:
+            keywords.append("ETRN")
+        return keywords
+
+    def _do_mail(self, argument: str) -> Event | None:
+        if self._helo_name is None:
+            return self._reject(replies.bad_sequence("send EHLO or HELO before MAIL"))
+        if self._in_transaction:
+            text = "nested MAIL: a transaction is already open, send RSET first"
+            return self._reject(replies.bad_sequence(text))
+        sender, params = parse_mail_argument(argument)
+        limit = self.settings.max_message_size
+        # RFC 1870 6.1: refuse a declared size over the limit at MAIL.
+        if limit and int(params.get("SIZE") or 0) > limit:
+            self._queue(replies.too_big(limit))
+            return None
+        return self._await(MailFrom(sender, params))
+
+    def _do_rcpt(self, argument: str) -> Event | None:
+        if not self._in_transaction:
+            return self._reject(replies.bad_sequence("send MAIL FROM before RCPT TO"))
+        self._rcpt_seen = True
+        recipient, params = parse_rcpt_argument(argument, utf8=self._utf8)
+        limit = self.settings.max_recipients
+        if len(self._recipients) >= limit:
+            # RFC 5321 4.5.3.1.10: 452, so that the client retries later.
+            self._queue(replies.too_many_recipients(limit))
+            return None
+        return self._await(RcptTo(recipient, params))
+
+    def _do_data(self, argument: str) -> Event | None:
+        _check_no_argument("DATA", argument)
+        if not self._in_transaction:
+            return self._reject(
+                replies.bad_sequence("send MAIL FROM and RCPT TO before DATA")
+            )
+        if not self._rcpt_seen:
+            return self._reject(replies.bad_sequence("send RCPT TO before DATA"))
+        if not self._recipients:
+            # RFC 2920 3.1: never 354 when every RCPT was rejected.
+            self._queue(replies.no_valid_recipients())
+            return None
+        self._queue(replies.start_mail_input())
+        self._reader = DotReader(self.settings.max_message_size)
+        self._state = State.DATA
+        return DataStarted()
+
+    def _do_rset(self, argument: str) -> Event | None:
+        _check_no_argument("RSET", argument)
+        self._reset_transaction()
+        self._queue(replies.ok("reset"))
+        return None
+
+    def _do_noop(self, argument: str) -> Event | None:
+        self._queue(replies.ok())
+        return None
+
+    def _do_vrfy(self, argument: str) -> Event | None:
+        if not argument.strip():
+            raise _syntax("VRFY needs a user name or mailbox")
+        self._queue(replies.cannot_verify())
+        return None
+
+    def _do_help(self, argument: str) -> Event | None:
+        self._queue(replies.help_text())
+        return None
+
+    def _do_quit(self, argument: str) -> Event | None:
+        _check_no_argument("QUIT", argument)
+        self._queue(replies.service_closing(self.settings.hostname))
+        self._state = State.CLOSED
+        return Quit()
+
+    def _do_etrn(self, argument: str) -> Event | None:
+        if not self.settings.etrn:
+            return self._reject(replies.not_implemented("ETRN"))
+        if self._helo_name is None or self._in_transaction:
+            return self._reject(
+                replies.bad_sequence("ETRN needs EHLO first and no open transaction")
+            )
+        if not argument.strip():
+            text = "ETRN needs a node name, e.g. ETRN example.org (RFC 1985)"
+            raise RemoteProtocolError(text, replies.parameter_error(text))
+        # TODO(ondemand): validate the node name, "@" and "#" forms.
+        return self._await(Etrn(argument.strip()))
+
+    def _do_turn(self, argument: str) -> Event | None:
+        return self._reject(replies.turn_refused())
+
+    def _not_implemented(self, verb: str) -> Event | None:
+        return self._reject(replies.not_implemented(verb))
+
+    # Internals: DATA phase.
+
+    def _next_data_event(self) -> Event | NeedData:
+        reader = self._reader
+        assert reader is not None
+        data = bytes(self._input)
+        self._input.clear()
+        content = reader.feed(data) if data else b""
+        if reader.finished:
+            self._input += reader.remainder
+            self._events.append(self._finish_message(reader))
+            if not content:
+                return self._pop_event()
+        if content:
+            return MessageData(content)
+        if self._eof:
+            return self._abort_on_eof()
+        return NEED_DATA
+
+    def _finish_message(self, reader: DotReader) -> Event:
+        self._reader = None
+        self._state = State.COMMAND
+        problem = reader.problem
+        if problem is not None:
+            reply = _PROBLEM_REPLIES[problem](reader)
+            self._queue(reply)
+            self._reset_transaction()
+            return MessageAborted(reply)
+        return EndOfMessage(reader.size, reader.received_headers)
+
+    def _abort_on_eof(self) -> Event:
+        self._reader = None
+        self._reset_transaction()
+        self._state = State.CLOSED
+        self._events.append(ConnectionClosed())
+        return MessageAborted(replies.connection_lost())
+
+
+def _line_limit(line: bytes | bytearray) -> int:
+    """Return the length limit for a command line from its first word."""
+    verb = bytes(line[:9]).partition(b" ")[0]
+    return max_line_length(verb.decode("ascii", "replace").upper())
+
+
+def _syntax(text: str) -> RemoteProtocolError:
+    return RemoteProtocolError(text, replies.syntax_error(text))
+
+
+def _check_no_argument(verb: str, argument: str) -> None:
+    if argument:
+        text = f"{verb} takes no argument, got {replies.show(argument)}"
+        raise RemoteProtocolError(text, replies.parameter_error(text))
+
+
+def _check_client_name(verb: str, name: str) -> None:
+    """Check the EHLO/HELO argument: one printable ASCII word."""
+    if not name or not name.isascii() or not name.isprintable() or " " in name:
+        raise _syntax(
+            f"{verb} needs a domain or address literal, got {replies.show(name)}"
+        )
+    if name.startswith("["):
+        try:
+            parse_address_literal(name)
+        except AddressError as error:
+            raise _syntax(
+                f"{verb} address literal {replies.show(name)} is invalid:"
+                f" {error.reason}"
+            ) from error
+    # NOTE: other names are not checked against the Domain grammar because
+    # many real clients send names with "_" or without a dot.
+
+
+def _not_implemented(verb: str):
+    def handle(connection: ServerConnection, argument: str) -> Event | None:
+        return connection._not_implemented(verb)
+
+    return handle
+
+
+# Known commands. RFC 5321 4.2.4: 500 for unknown verbs, 502 for known
+# commands this server does not offer. BDAT is refused because CHUNKING
+# is not advertised (RFC 3030 2).
+_COMMANDS = {
+    "EHLO": ServerConnection._do_ehlo,
+    "HELO": ServerConnection._do_helo,
+    "MAIL": ServerConnection._do_mail,
+    "RCPT": ServerConnection._do_rcpt,
+    "DATA": ServerConnection._do_data,
+    "RSET": ServerConnection._do_rset,
+    "NOOP": ServerConnection._do_noop,
+    "VRFY": ServerConnection._do_vrfy,
+    "HELP": ServerConnection._do_help,
+    "QUIT": ServerConnection._do_quit,
+    "ETRN": ServerConnection._do_etrn,
+    "TURN": ServerConnection._do_turn,
+    "EXPN": _not_implemented("EXPN"),
+    "BDAT": _not_implemented("BDAT"),
+    "STARTTLS": _not_implemented("STARTTLS"),
+    "AUTH": _not_implemented("AUTH"),
+    "ATRN": _not_implemented("ATRN"),
+}
