@@ -1,0 +1,422 @@
+"""The durable per-domain spool: receive, commit, recover, read and remove parts.
+
+The on-disk layout and the crash guarantees are documented in
+docs/spool-format.md. All durable writes go through the group committer in
+``trimta.spool.commit``; this module builds the jobs, reads files and runs
+recovery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+
+import trio
+
+from trimta.spool import names
+from trimta.spool.commit import (
+    BodyFile,
+    CommitJob,
+    CommitStats,
+    FsyncFunction,
+    GroupCommitter,
+    Placement,
+    RemoveJob,
+    SaveJob,
+    SpoolError,
+)
+from trimta.spool.envelope import (
+    ClientInfo,
+    Envelope,
+    EnvelopeError,
+    PartRef,
+    Recipient,
+    dump_envelope,
+    parse_envelope,
+)
+
+logger = logging.getLogger("trimta.spool")
+
+__all__ = ["MessageWriter", "Spool", "SpoolError", "open_spool"]
+
+
+class MessageWriter:
+    """A message body being received; created by ``Spool.new_message``.
+
+    Call ``write`` for each block of the (unstuffed) body, then either
+    ``commit`` or ``abort``. A writer is not safe for concurrent use.
+    """
+
+    def __init__(self, spool: Spool, mid: str) -> None:
+        self.mid = mid
+        self.arrival = time.time()
+        self._spool = spool
+        self._body = BodyFile(os.path.join(spool.tmp_dir, mid + ".eml"))
+        self._open = True
+
+    @property
+    def size(self) -> int:
+        """Octets written so far."""
+        return self._body.size
+
+    async def write(self, data: bytes) -> None:
+        """Append data to the body; a worker thread writes each full buffer.
+
+        Raises:
+            SpoolError: writing the temporary file failed (e.g. ENOSPC).
+        """
+        self._check_open()
+        if not self._body.add(data):
+            return
+        try:
+            await trio.to_thread.run_sync(self._body.flush)
+        except OSError as exc:
+            raise SpoolError(
+                "write", self._body.path, exc.strerror or str(exc)
+            ) from exc
+
+    async def commit(
+        self,
+        *,
+        sender: str,
+        recipients: Mapping[str, Sequence[Recipient | str]],
+        params: Mapping[str, str | None] | None = None,
+        client: ClientInfo | None = None,
+    ) -> list[PartRef]:
+        """Make the message durable in every recipient domain.
+
+        When this returns, the body, each domain's envelope and their
+        directory entries are fsynced, so the caller may reply 250.
+
+        Args:
+            sender: the MAIL FROM address, "" for the null reverse-path.
+            recipients: recipients keyed by normalised domain; each is a
+                Recipient or a bare address.
+            params: MAIL FROM ESMTP parameters (upper-case keys).
+            client: the submitting client.
+
+        Returns:
+            One PartRef per domain, in the order of ``recipients``.
+
+        Raises:
+            ValueError: a domain is invalid or has no recipients (the body
+                stays; call ``abort``).
+            SpoolError: the commit failed and left no files behind.
+            RuntimeError: the committer task is not running.
+
+        If the caller is cancelled while waiting, the committer still
+        finishes the job, so the message may be queued without a 250.
+        """
+        self._check_open()
+        placements = self._placements(sender, recipients, params or {}, client)
+        self._spool._committer.check_running()
+        job = CommitJob(
+            self._body,
+            self._spool.domains_dir,
+            placements,
+            self._spool._publish,
+        )
+        self._open = False  # the committer owns the body file from here
+        await self._spool._committer.submit(job)
+        return [placement.part for placement in placements]
+
+    async def abort(self) -> None:
+        """Discard the body; does nothing after ``commit`` was called."""
+        if not self._open:
+            return
+        self._open = False
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._body.discard)
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise RuntimeError(f"message {self.mid} is already committed or aborted")
+
+    def _placements(
+        self,
+        sender: str,
+        recipients: Mapping[str, Sequence[Recipient | str]],
+        params: Mapping[str, str | None],
+        client: ClientInfo | None,
+    ) -> list[Placement]:
+        if not recipients:
+            raise ValueError(f"message {self.mid} has no recipients")
+        placements = []
+        for domain, rcpts in recipients.items():
+            dirname = names.dirname_for_domain(domain)
+            if not rcpts:
+                raise ValueError(
+                    f"message {self.mid}: domain {domain} has no recipients"
+                )
+            envelope = Envelope(
+                id=self.mid,
+                domain=domain,
+                sender=sender,
+                recipients=[_as_recipient(r) for r in rcpts],
+                arrival=self.arrival,
+                size=self._body.size,
+                params=dict(params),
+                client=client or ClientInfo(),
+                next_attempt=self.arrival,
+            )
+            directory = os.path.join(self._spool.domains_dir, dirname)
+            placements.append(
+                Placement(directory, envelope.part, dump_envelope(envelope))
+            )
+        return placements
+
+
+def _as_recipient(recipient: Recipient | str) -> Recipient:
+    if isinstance(recipient, Recipient):
+        return recipient
+    return Recipient(address=recipient)
+
+
+class Spool:
+    """A spool directory: per-domain envelopes sharing hard-linked bodies.
+
+    Call ``await open()`` once, start ``run_committer`` in the daemon
+    nursery, and then use the other methods. ``open_spool`` does all three.
+
+    Args:
+        root: the spool directory; created (0o700) if missing.
+        fsync: the fsync function; tests pass a counting or failing one.
+    """
+
+    def __init__(self, root: str | Path, *, fsync: FsyncFunction = os.fsync) -> None:
+        self.root = Path(root)
+        self.tmp_dir = str(self.root / "tmp")
+        self.domains_dir = str(self.root / "domains")
+        self.corrupt_dir = str(self.root / "corrupt")
+        self._committer = GroupCommitter(fsync)
+        self._subscribers: list[trio.MemorySendChannel] = []
+        self._locks: dict[str, trio.Lock] = {}
+        self._opened = False
+
+    @property
+    def stats(self) -> CommitStats:
+        """The committer's counters (batches, jobs, fsyncs)."""
+        return self._committer.stats
+
+    async def open(self) -> list[PartRef]:
+        """Create the directories, run recovery and return the complete parts.
+
+        Recovery removes debris of interrupted writes and moves unparsable
+        envelopes to ``corrupt/``; see docs/spool-format.md.
+
+        Returns:
+            Every complete part, sorted by message id.
+        """
+        parts = await trio.to_thread.run_sync(recover_spool, self.root)
+        self._opened = True
+        return parts
+
+    async def run_committer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the group committer until cancelled; start it in the daemon nursery."""
+        try:
+            await self._committer.run(task_status=task_status)
+        finally:
+            for channel in self._subscribers:
+                channel.close()
+            self._subscribers = []
+
+    def new_message(self) -> MessageWriter:
+        """Allocate a message id and a writer for its body."""
+        if not self._opened:
+            raise RuntimeError("call 'await spool.open()' before writing messages")
+        return MessageWriter(self, names.new_mid())
+
+    def subscribe(self) -> trio.MemoryReceiveChannel:
+        """Return a channel that receives a PartRef for each newly committed part.
+
+        Parts arrive right after their batch is durable, in commit order.
+        The channel is unbounded, so the subscriber must keep reading; it
+        closes when the committer stops. Parts found by ``open`` are not sent.
+        """
+        send, receive = trio.open_memory_channel(math.inf)
+        self._subscribers.append(send)
+        return receive
+
+    def _publish(self, parts: list[PartRef]) -> None:
+        for channel in list(self._subscribers):
+            try:
+                for part in parts:
+                    channel.send_nowait(part)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(channel)
+
+    def list_domains(self) -> list[str]:
+        """Return the domains that have a spool directory, sorted."""
+        entries = os.listdir(self.domains_dir)
+        return sorted(name for name in entries if names.is_domain_dirname(name))
+
+    def list_parts(self, domain: str) -> list[PartRef]:
+        """Return the parts of a domain whose envelope exists, sorted by mid."""
+        directory = os.path.join(self.domains_dir, names.dirname_for_domain(domain))
+        try:
+            entries = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        mids = (name[: -len(".env")] for name in entries if name.endswith(".env"))
+        return sorted(PartRef(mid, domain) for mid in mids if names.is_mid(mid))
+
+    def body_path(self, part: PartRef) -> Path:
+        """Return the path of a part's body (shared by all parts of the message)."""
+        return Path(self._stem(part) + ".eml")
+
+    async def load(self, part: PartRef) -> Envelope:
+        """Read a part's envelope.
+
+        Raises:
+            SpoolError: the envelope file cannot be read (e.g. removed).
+            EnvelopeError: the file does not parse or names another part.
+        """
+        path = self._stem(part) + ".env"
+        try:
+            content = await trio.to_thread.run_sync(Path(path).read_bytes)
+        except OSError as exc:
+            raise SpoolError("load", path, exc.strerror or str(exc)) from exc
+        envelope = parse_envelope(content)
+        if envelope.part != part:
+            raise EnvelopeError(
+                f"envelope {path} describes {envelope.part}, not {part}"
+            )
+        return envelope
+
+    async def save(self, envelope: Envelope) -> None:
+        """Replace a part's envelope atomically and durably (via the committer).
+
+        Raises:
+            SpoolError: the write failed or the part no longer exists.
+        """
+        directory = os.path.dirname(self._stem(envelope.part))
+        job = SaveJob(directory, envelope.id, dump_envelope(envelope))
+        await self._committer.submit(job)
+
+    async def remove(self, part: PartRef) -> None:
+        """Remove a part durably: envelope first, then its body link."""
+        directory = os.path.dirname(self._stem(part))
+        await self._committer.submit(RemoveJob(directory, part.mid))
+
+    def lock(self, domain: str) -> trio.Lock:
+        """Return the per-domain lock (an async context manager) of this process."""
+        names.dirname_for_domain(domain)
+        return self._locks.setdefault(domain, trio.Lock())
+
+    def _stem(self, part: PartRef) -> str:
+        # PartRef validates mid and domain, so this path stays in the spool.
+        dirname = names.dirname_for_domain(part.domain)
+        return os.path.join(self.domains_dir, dirname, names.check_mid(part.mid))
+
+
+def recover_spool(root: Path) -> list[PartRef]:
+    """Create the spool directories and clean up after a crash (blocking).
+
+    Returns:
+        Every complete part (``.eml`` and a parsable ``.env``), sorted.
+    """
+    for directory in (root, root / "tmp", root / "domains", root / "corrupt"):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    _empty_directory(root / "tmp")
+    parts: list[PartRef] = []
+    with os.scandir(root / "domains") as entries:
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                logger.warning("recovery skipped non-directory path=%s", entry.path)
+            elif not names.is_domain_dirname(entry.name):
+                logger.warning("recovery skipped unknown directory path=%s", entry.path)
+            else:
+                parts.extend(_recover_domain(root, entry.name))
+    parts.sort()
+    logger.info("recovered root=%s parts=%d", root, len(parts))
+    return parts
+
+
+def _empty_directory(directory: Path) -> None:
+    # tmp/ only contains bodies of unacknowledged messages.
+    for path in directory.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        logger.info("recovery removed path=%s reason=unfinished-body", path)
+
+
+def _recover_domain(root: Path, dirname: str) -> list[PartRef]:
+    directory = root / "domains" / dirname
+    bodies, envelopes = set(), set()
+    for path in directory.iterdir():
+        stem, _, suffix = path.name.partition(".")
+        if path.name.endswith(".env.tmp"):
+            _remove_debris(path, "unfinished-envelope")
+        elif names.is_mid(stem) and suffix in ("eml", "env"):
+            (bodies if suffix == "eml" else envelopes).add(stem)
+        else:
+            logger.warning("recovery skipped unknown file path=%s", path)
+
+    # Either half alone belongs to a part that was never acknowledged or
+    # was being removed, so it is debris.
+    for mid in bodies - envelopes:
+        _remove_debris(directory / (mid + ".eml"), "body-without-envelope")
+    for mid in envelopes - bodies:
+        _remove_debris(directory / (mid + ".env"), "envelope-without-body")
+    parts = []
+    for mid in sorted(bodies & envelopes):
+        part = PartRef(mid, dirname)
+        if _check_envelope(root, directory, part):
+            parts.append(part)
+    return parts
+
+
+def _remove_debris(path: Path, reason: str) -> None:
+    path.unlink()
+    logger.info("recovery removed path=%s reason=%s", path, reason)
+
+
+def _check_envelope(root: Path, directory: Path, part: PartRef) -> bool:
+    envelope_path = directory / (part.mid + ".env")
+    try:
+        envelope = parse_envelope(envelope_path.read_bytes())
+        if envelope.part != part:
+            raise EnvelopeError(f"envelope describes {envelope.part}")
+    except EnvelopeError as exc:
+        _quarantine(root, directory, part, exc)
+        return False
+    return True
+
+
+def _quarantine(root: Path, directory: Path, part: PartRef, error: Exception) -> None:
+    target = root / "corrupt" / part.domain
+    target.mkdir(mode=0o700, exist_ok=True)
+    for suffix in (".env", ".eml"):
+        os.replace(directory / (part.mid + suffix), target / (part.mid + suffix))
+    logger.warning(
+        "corrupt envelope mid=%s domain=%s moved-to=%s error=%s",
+        part.mid,
+        part.domain,
+        target,
+        error,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_spool(
+    root: str | Path, *, fsync: FsyncFunction = os.fsync
+) -> AsyncIterator[tuple[Spool, list[PartRef]]]:
+    """Open a spool with its committer running in a private nursery.
+
+    Yields:
+        The spool and the complete parts found by recovery.
+    """
+    spool = Spool(root, fsync=fsync)
+    parts = await spool.open()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(spool.run_committer)
+        yield spool, parts
+        nursery.cancel_scope.cancel()
