@@ -1,0 +1,227 @@
+"""The daemon: one top-level nursery supervising spool, delivery and listeners.
+
+Start order: open the spool (recovery), start the group committer and the
+local delivery task, hand every part recovered from the spool to delivery,
+open the listeners, then accept. The first SIGTERM or SIGINT stops the
+listeners and lets sessions finish within `limits.shutdown_grace`, then
+cancels delivery work (mail stays queued) and returns. A second signal
+cancels everything at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import attrs
+import trio
+
+from trimta.config.model import Config
+from trimta.deliver.local import LocalDeliverySettings, run_local_delivery
+from trimta.listen.conn import SessionContext
+from trimta.listen.policy import RecipientPolicy
+from trimta.listen.serve import ListenError, SessionLimits, SmtpServer, open_listeners
+from trimta.smtp.address import AddressError, parse_mailbox
+from trimta.smtp.server import ServerSettings
+from trimta.spool.envelope import PartRef
+from trimta.spool.store import Spool
+
+logger = logging.getLogger("trimta")
+
+
+@attrs.define(eq=False)
+class StartupError(Exception):
+    """A problem that keeps the daemon from starting, with the fix."""
+
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def run(config: Config) -> bool:
+    """Run the daemon until a stop signal.
+
+    Returns:
+        True after a graceful stop, False when a second signal cut it short.
+
+    Raises:
+        StartupError: The spool or a listener could not be opened.
+    """
+    return trio.run(serve_daemon, config)
+
+
+def server_settings(config: Config) -> ServerSettings:
+    """Build the SMTP engine settings from the configuration."""
+    limits = config.limits
+    return ServerSettings(
+        hostname=config.hostname,
+        max_message_size=limits.max_message_size,
+        max_recipients=limits.max_recipients,
+        max_errors=limits.max_errors,
+    )
+
+
+async def serve_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> bool:
+    """Run every part of the daemon in one nursery until a stop signal.
+
+    `task_status.started()` receives the (host, port) pairs listened on.
+
+    Returns:
+        True after a graceful stop, False after an immediate one.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        spool = await _open_spool(config)
+        recovered = await spool.open()
+        listeners = await _open_all_listeners(config)
+        stop = _StopState()
+        async with trio.open_nursery() as root:
+            await root.start(spool.run_committer)
+            deliveries = await _start_local_delivery(root, config, spool, recovered)
+            context = SessionContext(
+                settings=server_settings(config),
+                policy=RecipientPolicy(config),
+                spool=spool,
+                command_timeout=config.limits.command_timeout.seconds,
+                data_timeout=config.limits.data_timeout.seconds,
+                min_data_rate=config.limits.min_data_rate,
+            )
+            limits = SessionLimits(
+                config.limits.max_sessions, config.limits.max_sessions_per_client
+            )
+            server = SmtpServer(context, limits)
+            server_scope = trio.CancelScope()
+            server_done = trio.Event()
+            root.start_soon(
+                _serve_smtp, server, listeners, config, server_scope, server_done
+            )
+            addresses = [listener.socket.getsockname()[:2] for listener in listeners]
+            logger.info(
+                "started hostname=%s listening=%s spool=%s recovered=%d",
+                config.hostname,
+                ",".join(f"{host}:{port}" for host, port in addresses),
+                config.spool,
+                len(recovered),
+            )
+            task_status.started(addresses)
+            await _stop_on_signals(signals, server_scope, server_done, root, stop)
+            deliveries.close()
+    return stop.graceful
+
+
+@attrs.define
+class _StopState:
+    """Whether the stop ran its course or a second signal cut it short."""
+
+    graceful: bool = True
+
+
+async def _serve_smtp(server, listeners, config, scope, done) -> None:
+    try:
+        with scope:
+            await server.serve(listeners, config.limits.shutdown_grace.seconds)
+    finally:
+        done.set()
+
+
+async def _stop_on_signals(signals, server_scope, server_done, root, stop) -> None:
+    async for signum in signals:
+        logger.info("stopping on %s", signal.Signals(signum).name)
+        server_scope.cancel()
+        break
+    async with trio.open_nursery() as waiting:
+        waiting.start_soon(_cancel_on_second_signal, signals, root, stop)
+        await server_done.wait()
+        waiting.cancel_scope.cancel()
+    logger.info("sessions closed; stopping delivery (queued mail stays queued)")
+    root.cancel_scope.cancel()
+
+
+async def _cancel_on_second_signal(signals, root: trio.Nursery, stop: _StopState) -> None:
+    async for signum in signals:
+        logger.warning("second %s: stopping at once", signal.Signals(signum).name)
+        stop.graceful = False
+        root.cancel_scope.cancel()
+        return
+
+
+async def _open_spool(config: Config) -> Spool:
+    spool = Spool(config.spool)
+    try:
+        await trio.to_thread.run_sync(_probe_spool, spool)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot use spool folder {str(config.spool)!r}: {exc.strerror or exc}; "
+            "check that it exists or can be created and that trimta's user "
+            "can read and write it (key: spool)"
+        ) from exc
+    return spool
+
+
+def _probe_spool(spool: Spool) -> None:
+    spool.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    probe = spool.root / ".probe"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
+async def _open_all_listeners(config: Config) -> list[trio.SocketListener]:
+    listeners: list[trio.SocketListener] = []
+    try:
+        for index, listener in enumerate(config.listener):
+            listeners += await open_listeners(listener.address)
+    except ListenError as exc:
+        for opened in listeners:
+            await opened.aclose()
+        raise StartupError(f"listener[{index}]: {exc}") from exc
+    return listeners
+
+
+async def _start_local_delivery(
+    root: trio.Nursery, config: Config, spool: Spool, recovered: list[PartRef]
+) -> trio.MemorySendChannel:
+    """Start Maildir delivery and route local parts, recovered and new, to it."""
+    send, receive = trio.open_memory_channel(256)
+    local = set(config.domains.local)
+    settings = LocalDeliverySettings(
+        maildir_root=config.local.maildir_root,
+        resolve_mailbox=lambda local_part, domain: _resolve_mailbox(
+            config, local_part, domain
+        ),
+        max_retry_delay=config.delivery.max_backoff.seconds,
+    )
+    await root.start(run_local_delivery, spool, settings, receive)
+    root.start_soon(_route_parts, spool.subscribe(), send.clone(), local, recovered)
+    return send
+
+
+def _resolve_mailbox(config: Config, local_part: str, domain: str) -> str | None:
+    """Map a stored local recipient to its mailbox, or None if it is gone.
+
+    The session already applied the users lists and the postmaster rule at
+    RCPT time; this checks again in case the configuration changed since.
+    """
+    try:
+        # The stored address writes a local part in quotes where it needs them.
+        local_part = parse_mailbox(f"{local_part}@{domain}", utf8=True).local
+    except AddressError:
+        return None
+    users = config.local.users.get(domain)
+    if users is None or local_part.lower() == "postmaster":
+        return local_part
+    return local_part.lower() if local_part.lower() in users else None
+
+
+async def _route_parts(new_parts, local_channel, local_domains, recovered) -> None:
+    """Pass local parts to Maildir delivery.
+
+    NOTE: relay and hold parts stay in the spool untouched until the
+    outbound delivery engine and ETRN/ODMR releases exist.
+    """
+    async with local_channel:
+        for part in recovered:
+            if part.domain in local_domains:
+                await local_channel.send(part)
+        async for part in new_parts:
+            if part.domain in local_domains:
+                await local_channel.send(part)

@@ -1,0 +1,379 @@
+"""One SMTP session: drive the sans-IO server engine over a Trio stream.
+
+The engine parses commands and answers what it can by itself; this module
+supplies what needs the outside world: the recipient policy, the spool, the
+clock (deadlines) and the socket. The loop asks the engine for its next
+event, sends the queued replies whenever the engine needs more input (so
+pipelined replies go out together, RFC 2920), and dispatches each event
+to a handler through a table.
+
+Deadlines: a command line must arrive whole within `command_timeout` of
+the previous reply, so a client dribbling one byte now and then is closed
+even though it is never silent. During DATA the message must end within
+`data_timeout` plus one second per `min_data_rate` octets received, and no
+read may wait longer than `data_timeout`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+from collections import defaultdict
+
+import attrs
+import trio
+
+from trimta.listen.policy import Accepted, IPAddress, RecipientPolicy
+from trimta.listen.received import clean_helo, format_received
+from trimta.smtp import replies
+from trimta.smtp.events import (
+    NEED_DATA,
+    ConnectionClosed,
+    DataStarted,
+    Ehlo,
+    EndOfMessage,
+    Etrn,
+    MailFrom,
+    MessageAborted,
+    MessageData,
+    Quit,
+    RcptTo,
+)
+from trimta.smtp.server import ServerConnection, ServerSettings, State
+from trimta.spool.envelope import ClientInfo
+from trimta.spool.store import MessageWriter, Spool, SpoolError
+
+logger = logging.getLogger("trimta.listen")
+
+RECEIVE_SIZE = 65536
+
+
+@attrs.define
+class SessionContext:
+    """What every session of one daemon shares.
+
+    Attributes:
+        settings: Engine settings (host name and protocol limits).
+        policy: Recipient rules.
+        spool: The message spool.
+        command_timeout: Seconds allowed for one whole command line.
+        data_timeout: Seconds of DATA allowed beyond what the rate earns.
+        min_data_rate: Octets per second that earn one more second of DATA.
+        stopping: Set when the daemon stops; idle sessions then close.
+        idle_scopes: Cancel scopes of sessions waiting for a new
+            transaction, which stopping may interrupt at once.
+    """
+
+    settings: ServerSettings
+    policy: RecipientPolicy
+    spool: Spool
+    command_timeout: float
+    data_timeout: float
+    min_data_rate: int
+    stopping: trio.Event = attrs.Factory(trio.Event)
+    idle_scopes: set[trio.CancelScope] = attrs.Factory(set)
+
+    def stop_idle_sessions(self) -> None:
+        """Mark the daemon as stopping and interrupt every idle session."""
+        self.stopping.set()
+        for scope in list(self.idle_scopes):
+            scope.cancel()
+
+
+@attrs.define
+class _Transaction:
+    """The MAIL transaction in progress."""
+
+    sender: str
+    params: dict[str, str | None]
+    recipients: dict[str, list[str]] = attrs.Factory(lambda: defaultdict(list))
+    writer: MessageWriter | None = None
+
+    def add(self, accepted: Accepted) -> None:
+        addresses = self.recipients[accepted.domain]
+        if accepted.address not in addresses:
+            addresses.append(accepted.address)
+
+    def count(self) -> int:
+        return sum(len(addresses) for addresses in self.recipients.values())
+
+
+class Session:
+    """One client connection, from greeting to close.
+
+    Args:
+        context: State shared by the daemon's sessions.
+        stream: The connected stream.
+        peer: The client's IP address (None when unknown).
+        sid: Session id used in every log line.
+    """
+
+    def __init__(
+        self,
+        context: SessionContext,
+        stream: trio.abc.Stream,
+        peer: IPAddress | None,
+        sid: str,
+    ) -> None:
+        self.context = context
+        self.stream = stream
+        self.peer = peer
+        self.local = local_address(stream)
+        self.sid = sid
+        self.engine = ServerConnection(context.settings)
+        self.helo = ""
+        self.extended = False
+        self.transaction: _Transaction | None = None
+        self._deadline = math.inf
+        self._data_started = 0.0
+        self._data_octets = 0
+        self._handlers = {
+            Ehlo: self._on_ehlo,
+            MailFrom: self._on_mail,
+            RcptTo: self._on_rcpt,
+            DataStarted: self._on_data_started,
+            MessageData: self._on_message_data,
+            EndOfMessage: self._on_end_of_message,
+            MessageAborted: self._on_message_aborted,
+            Etrn: self._on_etrn,
+            Quit: self._on_quit,
+        }
+
+    async def run(self, refusal: replies.Reply | None = None) -> None:
+        """Serve the session until either side ends it.
+
+        Args:
+            refusal: A reply (421 or 554) to send instead of the greeting,
+                for a session over a limit.
+        """
+        if refusal is None:
+            self.engine.send_greeting()
+        else:
+            self.engine.refuse_session(refusal)
+        self._restart_command_deadline()
+        try:
+            await self._serve()
+        finally:
+            await self._discard_transaction()
+
+    async def _serve(self) -> None:
+        while True:
+            event = self.engine.next_event()
+            if event is NEED_DATA:
+                if not await self._flush() or self.engine.state is State.CLOSED:
+                    return
+                await self._receive()
+                continue
+            if isinstance(event, ConnectionClosed):
+                await self._flush()
+                return
+            await self._handlers[type(event)](event)
+            if self.engine.state is State.COMMAND:
+                self._restart_command_deadline()
+
+    async def _flush(self) -> bool:
+        """Send queued replies; return False when the peer is gone."""
+        data = self.engine.data_to_send()
+        if not data:
+            return True
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            logger.info("connection lost sid=%s while sending a reply", self.sid)
+            return False
+        return True
+
+    async def _receive(self) -> None:
+        """Read more input into the engine, or close on a deadline or stop."""
+        idle = self.engine.state is State.COMMAND and not self.engine.in_transaction
+        if idle and self.context.stopping.is_set():
+            self.engine.close(replies.shutting_down(self.context.settings.hostname))
+            return
+        with trio.CancelScope(deadline=self._current_deadline()) as scope:
+            if idle:
+                self.context.idle_scopes.add(scope)
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            finally:
+                self.context.idle_scopes.discard(scope)
+        if scope.cancelled_caught:
+            self._close_on_interrupt()
+            return
+        if self.engine.state is State.DATA:
+            self._data_octets += len(data)
+        self.engine.receive_data(data)
+
+    def _close_on_interrupt(self) -> None:
+        hostname = self.context.settings.hostname
+        if self.context.stopping.is_set():
+            logger.info("closing sid=%s: trimta is stopping", self.sid)
+            self.engine.close(replies.shutting_down(hostname))
+        else:
+            logger.info("timeout sid=%s state=%s", self.sid, self.engine.state.name)
+            self.engine.close(replies.timeout(hostname))
+
+    def _current_deadline(self) -> float:
+        if self.engine.state is not State.DATA:
+            return self._deadline
+        context = self.context
+        now = trio.current_time()
+        idle_limit = now + context.data_timeout
+        if context.min_data_rate <= 0:
+            return idle_limit
+        earned = self._data_octets / context.min_data_rate
+        return min(idle_limit, self._data_started + context.data_timeout + earned)
+
+    def _restart_command_deadline(self) -> None:
+        self._deadline = trio.current_time() + self.context.command_timeout
+
+    async def _on_ehlo(self, event: Ehlo) -> None:
+        await self._discard_transaction()
+        self.helo = event.name
+        self.extended = event.extended
+        logger.debug("helo sid=%s name=%s", self.sid, clean_helo(event.name))
+
+    async def _on_mail(self, event: MailFrom) -> None:
+        await self._discard_transaction()
+        sender = "" if event.sender is None else str(event.sender)
+        self.transaction = _Transaction(sender=sender, params=dict(event.params))
+        self.engine.send_reply(replies.sender_ok())
+
+    async def _on_rcpt(self, event: RcptTo) -> None:
+        decision = self.context.policy.check(event.recipient, self.peer, self.local)
+        accepted = decision.accepted
+        if accepted is not None and self.transaction is not None:
+            self.transaction.add(accepted)
+        else:
+            logger.info(
+                "recipient rejected sid=%s rcpt=<%s> client=%s reply=%d",
+                self.sid,
+                event.recipient,
+                self.peer,
+                decision.reply.code,
+            )
+        self.engine.send_reply(decision.reply)
+
+    async def _on_data_started(self, event: DataStarted) -> None:
+        transaction = self.transaction
+        assert transaction is not None, "the engine opened DATA without MAIL"
+        self._data_started = trio.current_time()
+        self._data_octets = 0
+        transaction.writer = self.context.spool.new_message()
+        header = self._received_header(transaction, transaction.writer.mid)
+        await self._write(transaction, header)
+
+    async def _on_message_data(self, event: MessageData) -> None:
+        transaction = self.transaction
+        if transaction is not None and transaction.writer is not None:
+            await self._write(transaction, event.data)
+
+    async def _write(self, transaction: _Transaction, data: bytes) -> None:
+        try:
+            await transaction.writer.write(data)
+        except SpoolError as exc:
+            # Keep reading to the final dot; the failure is answered there.
+            logger.error("spool write failed sid=%s: %s", self.sid, exc)
+            await self._discard_transaction(keep=True)
+
+    async def _on_end_of_message(self, event: EndOfMessage) -> None:
+        transaction = self.transaction
+        writer = None if transaction is None else transaction.writer
+        if writer is None:
+            self.transaction = None
+            self.engine.send_reply(replies.spool_unavailable())
+            return
+        try:
+            await self._commit(transaction, writer)
+        except SpoolError as exc:
+            logger.error("spool commit failed sid=%s mid=%s: %s", self.sid, writer.mid, exc)
+            await writer.abort()
+            self.engine.send_reply(replies.spool_unavailable())
+        else:
+            self.engine.send_reply(replies.queued(writer.mid))
+        finally:
+            self.transaction = None
+
+    async def _commit(self, transaction: _Transaction, writer: MessageWriter) -> None:
+        client = ClientInfo(helo=clean_helo(self.helo), address=str(self.peer or ""))
+        await writer.commit(
+            sender=transaction.sender,
+            recipients=dict(transaction.recipients),
+            params=transaction.params,
+            client=client,
+        )
+        logger.info(
+            "queued sid=%s mid=%s from=<%s> rcpts=%d size=%d",
+            self.sid,
+            writer.mid,
+            transaction.sender,
+            transaction.count(),
+            writer.size,
+        )
+
+    async def _on_message_aborted(self, event: MessageAborted) -> None:
+        logger.info(
+            "message rejected sid=%s reply=%s",
+            self.sid,
+            replies.show(event.reply.to_bytes().decode("ascii", "replace").strip()),
+        )
+        await self._discard_transaction()
+
+    async def _on_etrn(self, event: Etrn) -> None:
+        self.engine.send_reply(replies.not_implemented("ETRN"))
+
+    async def _on_quit(self, event: Quit) -> None:
+        await self._discard_transaction()
+
+    async def _discard_transaction(self, *, keep: bool = False) -> None:
+        """Drop the open transaction and any partly written body.
+
+        Args:
+            keep: Keep the transaction itself (so DATA can finish and be
+                answered) and drop only its body.
+        """
+        transaction = self.transaction
+        if transaction is not None and transaction.writer is not None:
+            writer, transaction.writer = transaction.writer, None
+            await writer.abort()
+        if not keep:
+            self.transaction = None
+
+    def _received_header(self, transaction: _Transaction, mid: str) -> bytes:
+        recipients = [a for group in transaction.recipients.values() for a in group]
+        smtputf8 = "SMTPUTF8" in transaction.params
+        protocol = "UTF8SMTP" if smtputf8 else ("ESMTP" if self.extended else "SMTP")
+        return format_received(
+            helo=self.helo,
+            client_address=str(self.peer or "unknown"),
+            hostname=self.context.settings.hostname,
+            protocol=protocol,
+            queue_id=mid,
+            recipient=recipients[0] if len(recipients) == 1 else None,
+        )
+
+
+def peer_address(stream: trio.abc.Stream) -> IPAddress | None:
+    """Return the IP address of a socket stream's peer, or None."""
+    return _socket_address(stream, "getpeername")
+
+
+def local_address(stream: trio.abc.Stream) -> IPAddress | None:
+    """Return the local IP address of a socket stream, or None."""
+    return _socket_address(stream, "getsockname")
+
+
+def _socket_address(stream: trio.abc.Stream, method: str) -> IPAddress | None:
+    socket = getattr(stream, "socket", None)
+    if socket is None:
+        return None
+    try:
+        host = getattr(socket, method)()[0]
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
