@@ -18,6 +18,7 @@ from pathlib import Path
 
 import attrs
 
+REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 
@@ -99,6 +100,7 @@ class Daemon:
             stdout=log,
             stderr=log,
             cwd=self.folder,
+            env=daemon_environment(),
         )
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
@@ -168,6 +170,13 @@ def start_daemon(folder: Path, **config) -> Daemon:
     daemon = Daemon(folder, port)
     daemon.start()
     return daemon
+
+
+def daemon_environment() -> dict[str, str]:
+    """Return the environment that runs this checkout's trimta, not an installed one."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
 
 
 def environment_without_proxy() -> dict[str, str]:

@@ -192,6 +192,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=60,
+        cwd=REPO,
     )
 
 

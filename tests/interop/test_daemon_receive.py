@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from harness import environment_without_proxy, free_port
+from harness import daemon_environment, environment_without_proxy
 
 SWAKS = "/usr/bin/swaks"
 
@@ -219,7 +219,7 @@ def test_port_in_use_exits_1(tmp_path):
         )
         result = subprocess.run(
             [sys.executable, "-m", "trimta", "serve", "--config", str(config)],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True, text=True, timeout=60, env=daemon_environment(),
         )
     assert result.returncode == 1
     assert f"127.0.0.1:{port}" in result.stderr

@@ -16,6 +16,7 @@ read may wait longer than `data_timeout`.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import math
@@ -128,6 +129,7 @@ class Session:
         self._deadline = math.inf
         self._data_started = 0.0
         self._data_octets = 0
+        self._spool_failure = replies.spool_unavailable()
         self._handlers = {
             Ehlo: self._on_ehlo,
             MailFrom: self._on_mail,
@@ -276,6 +278,7 @@ class Session:
         except SpoolError as exc:
             # Keep reading to the final dot; the failure is answered there.
             logger.error("spool write failed sid=%s: %s", self.sid, exc)
+            self._spool_failure = _spool_failure_reply(exc)
             await self._discard_transaction(keep=True)
 
     async def _on_end_of_message(self, event: EndOfMessage) -> None:
@@ -283,14 +286,14 @@ class Session:
         writer = None if transaction is None else transaction.writer
         if writer is None:
             self.transaction = None
-            self.engine.send_reply(replies.spool_unavailable())
+            self.engine.send_reply(self._spool_failure)
             return
         try:
             await self._commit(transaction, writer)
         except SpoolError as exc:
             logger.error("spool commit failed sid=%s mid=%s: %s", self.sid, writer.mid, exc)
             await writer.abort()
-            self.engine.send_reply(replies.spool_unavailable())
+            self.engine.send_reply(_spool_failure_reply(exc))
         else:
             self.engine.send_reply(replies.queued(writer.mid))
         finally:
@@ -353,6 +356,14 @@ class Session:
             queue_id=mid,
             recipient=recipients[0] if len(recipients) == 1 else None,
         )
+
+
+def _spool_failure_reply(error: SpoolError) -> replies.Reply:
+    """Pick 452 4.3.1 for a full file system, else 451 4.3.0."""
+    cause = error.__cause__
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        return replies.storage_full()
+    return replies.spool_unavailable()
 
 
 def peer_address(stream: trio.abc.Stream) -> IPAddress | None:

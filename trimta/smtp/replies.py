@@ -246,6 +246,11 @@ def spool_unavailable() -> Reply:
     return Reply(451, "4.3.0", ("cannot store the message now, try again later",))
 
 
+def storage_full() -> Reply:
+    """Build the 452 4.3.1 reply when the spool's file system is full."""
+    return Reply(452, "4.3.1", ("insufficient system storage, try again later",))
+
+
 # Syntax and sequence errors: the engine counts these against max_errors.
 
 
