@@ -78,7 +78,7 @@ def test_values_parsed_and_normalised():
         ipaddress.ip_network("127.0.0.1/32"),
         ipaddress.ip_network("10.0.0.0/8"),
     )
-    assert config.routes["example.net"] == (
+    assert config.routes["example.net"].hosts == (
         HostPort("smtp.example.net", 25),
         HostPort("192.0.2.1", 587),
     )
@@ -161,6 +161,18 @@ def test_values_parsed_and_normalised():
             'routes."example.net"[0] = "smtp.example.net:0": port must be 1-65535',
         ),
         ('hostname = "not a name"', 'hostname = "not a name": expected a fully'),
+        (
+            '[routes]\n"*" = { hosts = ["a.example:25"], tls = "maybe" }',
+            'routes."*".tls = "maybe": expected one of: none, opportunistic',
+        ),
+        (
+            '[routes]\n"x.example" = { hosts = ["a.example"], auth_user = "me" }',
+            'routes."x.example".auth_user = "me": auth_user and auth_password_file',
+        ),
+        (
+            '[routes]\n"x.example" = 5',
+            'routes."x.example" = 5: expected a list of "host:port" next hops',
+        ),
         ("[limits]\nmax_recipients = true", "expected a whole number"),
         ("spool = [", "invalid TOML"),
     ],
@@ -169,6 +181,21 @@ def test_config_error_names_key_and_value(text, expected):
     lines = problems_of(text)
     assert any(expected in line for line in lines), lines
     assert all(line.startswith("config test.toml: ") for line in lines)
+
+
+def test_route_table_and_smarthost_key():
+    config = parse_text(
+        """
+        [routes]
+        "*" = { hosts = ["smarthost.example:465"], tls = "implicit", auth_user = "me", auth_password_file = "/etc/trimta/pw" }
+        """,
+        "test.toml",
+    )
+    route = config.routes["*"]
+    assert route.hosts == (HostPort("smarthost.example", 465),)
+    assert route.tls == "implicit"
+    assert route.auth_user == "me"
+    assert route.auth_password_file == Path("/etc/trimta/pw")
 
 
 def test_every_problem_reported_at_once():

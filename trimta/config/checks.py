@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from trimta.config.model import LISTENER_KINDS, Config
+from trimta.config.model import LISTENER_KINDS, ROUTE_TLS_MODES, Config
 from trimta.config.values import HOSTNAME_PATTERN
 from trimta.smtp.address import AddressError, normalize_domain
 
@@ -31,6 +31,7 @@ def run(config: Config) -> Iterator[Finding]:
     yield from _check_domains(config)
     yield from _check_local(config)
     yield from _check_delivery(config)
+    yield from _check_routes(config)
 
 
 def _get(config: Config, path: str) -> object:
@@ -129,3 +130,22 @@ def _check_delivery(config: Config) -> Iterator[Finding]:
             str(delivery.max_backoff),
             f"must not be below delivery.min_backoff ({delivery.min_backoff})",
         )
+
+
+def _check_routes(config: Config) -> Iterator[Finding]:
+    for key, route in config.routes.items():
+        path = f'routes."{key}"'
+        if not route.hosts:
+            yield f"{path}.hosts", [], 'at least one "host:port" is needed'
+        if route.tls not in ROUTE_TLS_MODES:
+            yield (
+                f"{path}.tls",
+                route.tls,
+                "expected one of: " + ", ".join(ROUTE_TLS_MODES),
+            )
+        if bool(route.auth_user) != (route.auth_password_file is not None):
+            yield (
+                f"{path}.auth_user",
+                route.auth_user,
+                "auth_user and auth_password_file go together; set both or neither",
+            )

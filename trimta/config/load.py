@@ -24,6 +24,7 @@ from typing import Any
 
 import attrs
 import cattrs
+import cattrs.gen
 from cattrs.errors import (
     AttributeValidationNote,
     ForbiddenExtraKeysError,
@@ -31,7 +32,7 @@ from cattrs.errors import (
 )
 
 from trimta.config import checks
-from trimta.config.model import Config
+from trimta.config.model import Config, Route
 from trimta.config.values import (
     DomainName,
     Duration,
@@ -40,6 +41,7 @@ from trimta.config.values import (
     NameserverAddress,
     Network,
     NextHop,
+    RouteKey,
     parse_duration,
     parse_host_port,
     parse_network,
@@ -266,7 +268,29 @@ def _make_converter() -> cattrs.Converter:
         NameserverAddress, lambda v, _: parse_host_port(v, default_port=53)
     )
     converter.register_structure_hook(LocalPart, _structure_local_part)
+    converter.register_structure_hook(RouteKey, _structure_route_key)
+    route_table = cattrs.gen.make_dict_structure_fn(
+        Route, converter, _cattrs_forbid_extra_keys=True
+    )
+
+    def structure_route(value: Any, _type: object) -> Route:
+        if isinstance(value, list):
+            hosts = converter.structure(value, tuple[NextHop, ...])
+            return Route(hosts=hosts)
+        if isinstance(value, dict):
+            return route_table(value, Route)
+        raise ValueError(
+            'expected a list of "host:port" next hops, or a table with hosts = [...]'
+        )
+
+    converter.register_structure_hook(Route, structure_route)
     return converter
+
+
+def _structure_route_key(value: Any, _type: object) -> str:
+    if value == "*":
+        return value
+    return _structure_domain(value, _type)
 
 
 _CONVERTER = _make_converter()

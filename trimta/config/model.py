@@ -22,6 +22,7 @@ from trimta.config.values import (
     NameserverAddress,
     Network,
     NextHop,
+    RouteKey,
 )
 
 LISTENER_KINDS = ("smtp",)
@@ -84,6 +85,39 @@ class Local:
     maildir_root: Path = Path("mail")
     postmaster: str = ""
     users: dict[DomainName, tuple[LocalPart, ...]] = attrs.Factory(dict)
+
+
+ROUTE_TLS_MODES = ("none", "opportunistic", "required", "implicit")
+
+
+@attrs.frozen
+class Route:
+    """How to reach the next hop of one destination domain (or of all).
+
+    A route written as a plain list of "host:port" strings sets `hosts`
+    only; a table sets any of the fields.
+
+    Attributes:
+        hosts: Next hops, tried in order; a host name is looked up with
+            A/AAAA, never MX.
+        tls: "opportunistic" uses STARTTLS when offered without checking
+            the certificate; "required" fails (and defers) unless STARTTLS
+            succeeds with a verified certificate; "implicit" starts TLS on
+            connect (port 465) with a verified certificate; "none" never
+            uses TLS.
+        ca_file: PEM file of trusted CA certificates for "required" and
+            "implicit"; empty means the system's CA store.
+        auth_user: User name for SMTP AUTH (PLAIN or LOGIN); empty means
+            no AUTH.
+        auth_password_file: File whose first line is the AUTH password;
+            it must not be readable by other users.
+    """
+
+    hosts: tuple[NextHop, ...]
+    tls: str = "opportunistic"
+    ca_file: Path | None = None
+    auth_user: str = ""
+    auth_password_file: Path | None = None
 
 
 @attrs.frozen
@@ -165,6 +199,14 @@ class Config:
         hostname: Name used in the greeting, EHLO reply and Received:.
         spool: Folder of the message spool.
         listener: The sockets to accept SMTP sessions on.
+        domains: The domains served, by role.
+        relay: Who may relay.
+        local: Maildir delivery.
+        routes: Next hops per destination domain; the key "*" is the
+            smarthost for every domain without a route of its own.
+        dns: The resolver for MX lookups.
+        delivery: Outbound delivery limits and retry schedule.
+        limits: SMTP receiver limits.
     """
 
     hostname: str = attrs.Factory(default_hostname)
@@ -173,7 +215,7 @@ class Config:
     domains: Domains = Domains()
     relay: Relay = Relay()
     local: Local = Local()
-    routes: dict[DomainName, tuple[NextHop, ...]] = attrs.Factory(dict)
+    routes: dict[RouteKey, Route] = attrs.Factory(dict)
     dns: Dns = Dns()
     delivery: Delivery = Delivery()
     limits: Limits = Limits()

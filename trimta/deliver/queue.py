@@ -1,0 +1,312 @@
+"""The queue manager: hand spooled parts to bounded delivery workers.
+
+Theory of operation
+-------------------
+Every part (one message's recipients in one domain) that is neither local
+nor held comes here, either from recovery at start or from the spool's
+new-part channel the moment it is committed. A part is either *ready* (in
+its domain's ready queue) or *deferred* (in one heap ordered by the time
+of its next attempt). One wake-up task moves deferred parts to their
+ready queue when their time comes; a new part or an earlier deadline
+interrupts its sleep, so no wait is longer than needed and every wait is
+cancellable.
+
+Delivery runs in *workers*. A domain with ready parts gets up to
+`per_domain_concurrency` workers, and every worker holds one token of a
+global `trio.CapacityLimiter(max_concurrency)` while it works. A worker
+opens one connection to the domain's next hop and sends ready parts over
+it one after another until the ready queue is empty, so parts that are
+ready together share a connection.
+
+After each part the worker records the outcome in the spool before it
+touches the next part: delivered recipients are marked (they are never
+sent again), failed ones are bounced, and if any stay deferred the part
+gets its next attempt time from the retry policy, or bounces once it is
+older than the queue lifetime. The window in which a crash can send a
+recipient twice is the time between the next hop's final reply and that
+one envelope write.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import attrs
+import trio
+
+from trimta.deliver.outcome import (
+    Deliverer,
+    DestinationError,
+    RecipientOutcome,
+    Verdict,
+)
+from trimta.deliver.schedule import RetryPolicy
+from trimta.spool.envelope import Envelope, EnvelopeError, PartRef
+from trimta.spool.store import Spool, SpoolError
+
+logger = logging.getLogger("trimta.deliver")
+
+BounceFunction = Callable[[Envelope, list[RecipientOutcome]], Awaitable[None]]
+
+# Status of recipients still deferred when their part expires (RFC 3463
+# X.4.7: delivery time expired).
+EXPIRED_STATUS = "4.4.7"
+
+
+class _ConnectionBroken(Exception):
+    """A connection failed in the middle of a part; the part is recorded."""
+
+
+@attrs.define
+class _DomainQueue:
+    """The ready parts of one domain and the workers serving them."""
+
+    ready: collections.deque[PartRef] = attrs.Factory(collections.deque)
+    queued: set[PartRef] = attrs.Factory(set)
+    workers: int = 0
+
+
+class QueueManager:
+    """Schedules delivery of spooled parts under global and per-domain limits.
+
+    Args:
+        spool: The spool holding the parts.
+        deliverer: Opens connections to a domain's next hop.
+        bounce: Queues a DSN for the failed recipients of one envelope.
+        retry: The backoff and lifetime rules.
+        max_concurrency: Workers running at once over all domains.
+        per_domain_concurrency: Workers running at once per domain.
+        wall_clock: Returns the current time in UTC seconds, as stored in
+            envelopes; tests pass one driven by Trio's clock.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        deliverer: Deliverer,
+        bounce: BounceFunction,
+        retry: RetryPolicy,
+        *,
+        max_concurrency: int,
+        per_domain_concurrency: int,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spool = spool
+        self.deliverer = deliverer
+        self.bounce = bounce
+        self.retry = retry
+        self.per_domain_concurrency = per_domain_concurrency
+        self.wall_clock = wall_clock
+        self.limiter = trio.CapacityLimiter(max_concurrency)
+        self._domains: dict[str, _DomainQueue] = collections.defaultdict(_DomainQueue)
+        self._deferred: list[tuple[float, int, PartRef]] = []
+        self._sequence = itertools.count()
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(
+        self,
+        parts: trio.MemoryReceiveChannel,
+        *,
+        task_status=trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept parts from the channel and deliver them until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._wake_deferred)
+            task_status.started()
+            async for part in parts:
+                await self.add(part)
+
+    async def add(self, part: PartRef) -> None:
+        """Schedule a part at the next attempt time its envelope records."""
+        try:
+            envelope = await self.spool.load(part)
+        except (SpoolError, EnvelopeError, ValueError) as exc:
+            logger.error("cannot load part mid=%s domain=%s error=%s", part.mid, part.domain, exc)
+            return
+        self._schedule(part, envelope.next_attempt)
+
+    def release(self, part: PartRef) -> None:
+        """Make a part ready now, whatever its next attempt time."""
+        self._make_ready(part)
+
+    def _schedule(self, part: PartRef, when: float) -> None:
+        if when <= self.wall_clock():
+            self._make_ready(part)
+            return
+        heapq.heappush(self._deferred, (when, next(self._sequence), part))
+        self._changed.set()
+
+    def _make_ready(self, part: PartRef) -> None:
+        queue = self._domains[part.domain]
+        if part in queue.queued:
+            return
+        queue.queued.add(part)
+        queue.ready.append(part)
+        if queue.workers < self.per_domain_concurrency and self._nursery is not None:
+            queue.workers += 1
+            self._nursery.start_soon(self._run_worker, part.domain)
+
+    async def _wake_deferred(self) -> None:
+        while True:
+            self._changed = trio.Event()
+            deadline = float("inf")
+            if self._deferred:
+                delay = self._deferred[0][0] - self.wall_clock()
+                deadline = trio.current_time() + max(0.0, delay)
+            with trio.move_on_at(deadline):
+                await self._changed.wait()
+            now = self.wall_clock()
+            while self._deferred and self._deferred[0][0] <= now:
+                _, _, part = heapq.heappop(self._deferred)
+                self._make_ready(part)
+
+    async def _run_worker(self, domain: str) -> None:
+        queue = self._domains[domain]
+        try:
+            async with self.limiter:
+                await self._drain(domain, queue)
+        finally:
+            queue.workers -= 1
+            if not queue.ready and queue.workers == 0:
+                self._domains.pop(domain, None)
+
+    async def _drain(self, domain: str, queue: _DomainQueue) -> None:
+        """Deliver ready parts of one domain over as few connections as possible."""
+        while queue.ready:
+            try:
+                async with self.deliverer.connect(domain) as connection:
+                    while queue.ready:
+                        part = queue.ready.popleft()
+                        try:
+                            await self._deliver_part(part, connection)
+                        finally:
+                            queue.queued.discard(part)
+            except _ConnectionBroken:
+                # The part in hand is recorded; the rest get a new connection.
+                continue
+            except DestinationError as error:
+                # No next hop can be reached now, so every ready part of
+                # the domain gets this error instead of a try of its own.
+                await self._fail_ready(queue, error)
+
+    async def _deliver_part(self, part: PartRef, connection) -> None:
+        envelope = await self._load(part)
+        if envelope is None:
+            return
+        pending = [r for r in envelope.recipients if r.state == "pending"]
+        if not pending:
+            await self._finish(envelope, [])
+            return
+        try:
+            outcomes = await connection.deliver(envelope, self.spool.body_path(part))
+        except DestinationError as error:
+            await self._record(envelope, [error.outcome_for(r.address) for r in pending])
+            raise _ConnectionBroken() from error
+        await self._record(envelope, outcomes)
+
+    async def _fail_ready(self, queue: _DomainQueue, error: DestinationError) -> None:
+        while queue.ready:
+            part = queue.ready.popleft()
+            queue.queued.discard(part)
+            envelope = await self._load(part)
+            if envelope is None:
+                continue
+            pending = [r.address for r in envelope.recipients if r.state == "pending"]
+            await self._record(envelope, [error.outcome_for(a) for a in pending])
+
+    async def _load(self, part: PartRef) -> Envelope | None:
+        try:
+            return await self.spool.load(part)
+        except (SpoolError, EnvelopeError, ValueError) as exc:
+            logger.error("cannot load part mid=%s domain=%s error=%s", part.mid, part.domain, exc)
+            return None
+
+    async def _record(self, envelope: Envelope, outcomes: list[RecipientOutcome]) -> None:
+        """Store one attempt's outcomes, bounce failures, schedule the rest."""
+        by_address = {outcome.address: outcome for outcome in outcomes}
+        for recipient in envelope.recipients:
+            outcome = by_address.get(recipient.address)
+            if recipient.state != "pending" or outcome is None:
+                continue
+            _log_attempt(envelope, outcome)
+            recipient.last_error = None if outcome.verdict is Verdict.DELIVERED else outcome.text
+            if outcome.verdict is Verdict.DELIVERED:
+                recipient.state = "delivered"
+            elif outcome.verdict is Verdict.FAILED:
+                recipient.state = "failed"
+        failed = [o for o in outcomes if o.verdict is Verdict.FAILED]
+        envelope.attempts += 1
+        if any(r.state == "pending" for r in envelope.recipients):
+            failed += self._expire_or_defer(envelope, by_address)
+        await self._finish(envelope, failed)
+
+    def _expire_or_defer(
+        self, envelope: Envelope, by_address: dict[str, RecipientOutcome]
+    ) -> list[RecipientOutcome]:
+        now = self.wall_clock()
+        when = self.retry.next_attempt(
+            arrival=envelope.arrival, attempts=envelope.attempts, now=now
+        )
+        if when is not None:
+            envelope.next_attempt = when
+            envelope.last_error = _last_error(envelope)
+            logger.info(
+                "deferred mid=%s domain=%s attempts=%d retry-in=%.0fs error=%s",
+                envelope.id, envelope.domain, envelope.attempts, when - now,
+                envelope.last_error,
+            )
+            return []
+        expired = []
+        for recipient in envelope.recipients:
+            if recipient.state != "pending":
+                continue
+            recipient.state = "failed"
+            previous = by_address.get(recipient.address)
+            text = f"message expired in the queue; last error: {recipient.last_error}"
+            remote = previous.remote if previous else None
+            expired.append(
+                RecipientOutcome(recipient.address, Verdict.FAILED, EXPIRED_STATUS, text, remote)
+            )
+        logger.info("expired mid=%s domain=%s recipients=%d", envelope.id, envelope.domain, len(expired))
+        return expired
+
+    async def _finish(self, envelope: Envelope, failed: list[RecipientOutcome]) -> None:
+        if failed:
+            # The bounce is queued before the envelope is updated: a crash
+            # in between sends the DSN twice rather than never.
+            await self.bounce(envelope, failed)
+        try:
+            if envelope.is_done():
+                await self.spool.remove(envelope.part)
+                logger.info("done mid=%s domain=%s", envelope.id, envelope.domain)
+            else:
+                await self.spool.save(envelope)
+                self._schedule(envelope.part, envelope.next_attempt)
+        except SpoolError as exc:
+            logger.error("cannot update part mid=%s domain=%s error=%s", envelope.id, envelope.domain, exc)
+
+
+def _last_error(envelope: Envelope) -> str | None:
+    errors = [r.last_error for r in envelope.recipients if r.state == "pending" and r.last_error]
+    return errors[0] if errors else None
+
+
+def _log_attempt(envelope: Envelope, outcome: RecipientOutcome) -> None:
+    logger.info(
+        "attempt mid=%s domain=%s rcpt=<%s> host=%s result=%s status=%s reply=%s",
+        envelope.id,
+        envelope.domain,
+        outcome.address,
+        outcome.remote or "-",
+        outcome.verdict.value,
+        outcome.status,
+        outcome.text,
+    )
