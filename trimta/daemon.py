@@ -76,36 +76,29 @@ async def serve_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) 
         listeners = await _open_all_listeners(config)
         stop = _StopState()
         async with trio.open_nursery() as root:
+            # The committer outlives every task that writes to the spool:
+            # delivery work is cancelled first, in its own nursery.
             await root.start(spool.run_committer)
-            deliveries = await _start_local_delivery(root, config, spool, recovered)
-            context = SessionContext(
-                settings=server_settings(config),
-                policy=RecipientPolicy(config),
-                spool=spool,
-                command_timeout=config.limits.command_timeout.seconds,
-                data_timeout=config.limits.data_timeout.seconds,
-                min_data_rate=config.limits.min_data_rate,
-            )
-            limits = SessionLimits(
-                config.limits.max_sessions, config.limits.max_sessions_per_client
-            )
-            server = SmtpServer(context, limits)
-            server_scope = trio.CancelScope()
-            server_done = trio.Event()
-            root.start_soon(
-                _serve_smtp, server, listeners, config, server_scope, server_done
-            )
-            addresses = [listener.socket.getsockname()[:2] for listener in listeners]
-            logger.info(
-                "started hostname=%s listening=%s spool=%s recovered=%d",
-                config.hostname,
-                ",".join(f"{host}:{port}" for host, port in addresses),
-                config.spool,
-                len(recovered),
-            )
-            task_status.started(addresses)
-            await _stop_on_signals(signals, server_scope, server_done, root, stop)
-            deliveries.close()
+            async with trio.open_nursery() as work:
+                await _start_delivery(work, config, spool, recovered)
+                server = _build_server(config, spool)
+                stop_accepting = trio.Event()
+                server_done = trio.Event()
+                work.start_soon(
+                    _serve_smtp, server, listeners, config, stop_accepting, server_done
+                )
+                addresses = [listener.socket.getsockname()[:2] for listener in listeners]
+                logger.info(
+                    "started hostname=%s listening=%s spool=%s recovered=%d",
+                    config.hostname,
+                    ",".join(f"{host}:{port}" for host, port in addresses),
+                    config.spool,
+                    len(recovered),
+                )
+                task_status.started(addresses)
+                await _stop_on_signals(signals, stop_accepting, server_done, work, stop)
+            root.cancel_scope.cancel()
+    logger.info("stopped graceful=%s", stop.graceful)
     return stop.graceful
 
 
@@ -116,32 +109,46 @@ class _StopState:
     graceful: bool = True
 
 
-async def _serve_smtp(server, listeners, config, scope, done) -> None:
+def _build_server(config: Config, spool: Spool) -> SmtpServer:
+    context = SessionContext(
+        settings=server_settings(config),
+        policy=RecipientPolicy(config),
+        spool=spool,
+        command_timeout=config.limits.command_timeout.seconds,
+        data_timeout=config.limits.data_timeout.seconds,
+        min_data_rate=config.limits.min_data_rate,
+    )
+    limits = SessionLimits(
+        config.limits.max_sessions, config.limits.max_sessions_per_client
+    )
+    return SmtpServer(context, limits)
+
+
+async def _serve_smtp(server, listeners, config, stop_accepting, done) -> None:
     try:
-        with scope:
-            await server.serve(listeners, config.limits.shutdown_grace.seconds)
+        await server.serve(listeners, config.limits.shutdown_grace.seconds, stop_accepting)
     finally:
         done.set()
 
 
-async def _stop_on_signals(signals, server_scope, server_done, root, stop) -> None:
+async def _stop_on_signals(signals, stop_accepting, server_done, work, stop) -> None:
     async for signum in signals:
         logger.info("stopping on %s", signal.Signals(signum).name)
-        server_scope.cancel()
+        stop_accepting.set()
         break
     async with trio.open_nursery() as waiting:
-        waiting.start_soon(_cancel_on_second_signal, signals, root, stop)
+        waiting.start_soon(_cancel_on_second_signal, signals, work, stop)
         await server_done.wait()
         waiting.cancel_scope.cancel()
     logger.info("sessions closed; stopping delivery (queued mail stays queued)")
-    root.cancel_scope.cancel()
+    work.cancel_scope.cancel()
 
 
-async def _cancel_on_second_signal(signals, root: trio.Nursery, stop: _StopState) -> None:
+async def _cancel_on_second_signal(signals, work: trio.Nursery, stop: _StopState) -> None:
     async for signum in signals:
         logger.warning("second %s: stopping at once", signal.Signals(signum).name)
         stop.graceful = False
-        root.cancel_scope.cancel()
+        work.cancel_scope.cancel()
         return
 
 
@@ -177,9 +184,9 @@ async def _open_all_listeners(config: Config) -> list[trio.SocketListener]:
     return listeners
 
 
-async def _start_local_delivery(
+async def _start_delivery(
     root: trio.Nursery, config: Config, spool: Spool, recovered: list[PartRef]
-) -> trio.MemorySendChannel:
+) -> None:
     """Start Maildir delivery and route local parts, recovered and new, to it."""
     send, receive = trio.open_memory_channel(256)
     local = set(config.domains.local)
@@ -188,11 +195,11 @@ async def _start_local_delivery(
         resolve_mailbox=lambda local_part, domain: _resolve_mailbox(
             config, local_part, domain
         ),
+        retry_delay=config.delivery.min_backoff.seconds,
         max_retry_delay=config.delivery.max_backoff.seconds,
     )
     await root.start(run_local_delivery, spool, settings, receive)
-    root.start_soon(_route_parts, spool.subscribe(), send.clone(), local, recovered)
-    return send
+    root.start_soon(_route_parts, spool.subscribe(), send, local, recovered)
 
 
 def _resolve_mailbox(config: Config, local_part: str, domain: str) -> str | None:

@@ -175,6 +175,29 @@ def test_values_parsed_and_normalised():
         ),
         ("[limits]\nmax_recipients = true", "expected a whole number"),
         ("spool = [", "invalid TOML"),
+        (
+            '[local.users]\nlocalhost = "alice"',
+            'local.users.localhost = "alice": expected a list in brackets',
+        ),
+        ('[domains]\nlocal = "ab"', 'domains.local = "ab": expected a list in brackets'),
+        (
+            'listener = "127.0.0.1:25"',
+            'listener = "127.0.0.1:25": expected one or more [[listener]] tables',
+        ),
+        ("domains = []", "domains = []: expected a table with the keys: local, relay"),
+        ("routes = 5", "routes = 5: expected a table of key = value pairs"),
+        ("listener = [1]", "listener[0] = 1: expected a table with the keys: address"),
+        ('hostname = "a\\r\\nb"', 'hostname = "a\\r\\nb": expected a fully'),
+        (
+            '[relay]\ntrusted_networks = ["10.0.0.1/8"]',
+            'write "10.0.0.0/8" for the whole network',
+        ),
+        ('[limits]\ncommand_timeout = "0s"', 'limits.command_timeout = "0s": must be above 0'),
+        ("[delivery]\nmax_backoff = 12.5", "delivery.max_backoff = 12.5: expected a duration"),
+        (
+            'spool = "x"\n[local]\nmaildir_root = "x/mail"',
+            'local.maildir_root = "x/mail": must be a folder apart from spool',
+        ),
     ],
 )
 def test_config_error_names_key_and_value(text, expected):

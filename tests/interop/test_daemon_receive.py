@@ -262,3 +262,45 @@ def test_slow_client_closed_by_command_deadline(daemon_factory):
             if received:
                 break
     assert received.startswith(b"421 4.4.2")
+
+
+def test_sigterm_gives_open_transaction_grace(daemon_factory):
+    daemon = daemon_factory(relay=("example.net",), extra='[limits]\nshutdown_grace = "20s"\n')
+    idle = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
+    assert idle.recv(1024).startswith(b"220")
+    idle.sendall(b"EHLO idle.example.org\r\n")
+    assert idle.recv(4096).startswith(b"250")
+
+    busy = smtplib.SMTP("127.0.0.1", daemon.port, timeout=30)
+    busy.ehlo("busy.example.org")
+    busy.mail("alice@example.org")
+    busy.rcpt("bob@example.net")
+
+    daemon.process.send_signal(signal.SIGTERM)
+    # The idle session is told at once that the server is going away.
+    assert idle.recv(1024).startswith(b"421 4.3.2")
+    idle.close()
+
+    # The session in a transaction may still finish its message.
+    code, _ = busy.data(b"Subject: grace\r\n\r\nbody\r\n")
+    assert code == 250
+    busy.close()
+    assert daemon.process.wait(30) == 0
+    assert len(daemon.spool_parts("example.net")) == 1
+
+
+def test_sigterm_right_after_accept_loses_and_repeats_nothing(daemon_factory):
+    daemon = daemon_factory()
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+        for index in range(5):
+            client.sendmail("a@example.org", [f"race{index}@localhost"], b"Subject: race\r\n\r\nx\r\n")
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(30) == 0, daemon.log()
+    assert "Traceback" not in daemon.log()
+    daemon.start()
+    for index in range(5):
+        daemon.wait_for_mailbox("localhost", f"race{index}")
+    __import__("time").sleep(0.5)
+    for index in range(5):
+        assert len(daemon.mailbox("localhost", f"race{index}")) == 1
+    assert daemon.stop() == 0

@@ -32,6 +32,8 @@ def run(config: Config) -> Iterator[Finding]:
     yield from _check_local(config)
     yield from _check_delivery(config)
     yield from _check_routes(config)
+    yield from _check_durations(config)
+    yield from _check_folders(config)
 
 
 def _get(config: Config, path: str) -> object:
@@ -149,3 +151,22 @@ def _check_routes(config: Config) -> Iterator[Finding]:
                 route.auth_user,
                 "auth_user and auth_password_file go together; set both or neither",
             )
+
+
+def _check_durations(config: Config) -> Iterator[Finding]:
+    for name in ("command_timeout", "data_timeout"):
+        value = getattr(config.limits, name)
+        if value.seconds <= 0:
+            yield f"limits.{name}", str(value), "must be above 0, e.g. \"5m\""
+
+
+def _check_folders(config: Config) -> Iterator[Finding]:
+    spool = config.spool.resolve()
+    maildir_root = config.local.maildir_root.resolve()
+    if spool == maildir_root or spool in maildir_root.parents or maildir_root in spool.parents:
+        yield (
+            "local.maildir_root",
+            str(config.local.maildir_root),
+            f"must be a folder apart from spool ({config.spool}); neither may "
+            "contain the other",
+        )

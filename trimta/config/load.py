@@ -18,7 +18,9 @@ what is expected.
 from __future__ import annotations
 
 import importlib.resources
+import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +138,9 @@ def parse_text(text: str, source: str) -> Config:
     except tomllib.TOMLDecodeError as exc:
         problem = Problem("", _MISSING, f"invalid TOML: {exc}")
         raise ConfigError(source, [problem]) from exc
+    problems = list(_shape_problems(raw, Config, []))
+    if problems:
+        raise ConfigError(source, problems)
     try:
         config = _CONVERTER.structure(raw, Config)
     except Exception as exc:  # cattrs raises exception groups of any kind
@@ -147,6 +152,47 @@ def parse_text(text: str, source: str) -> Config:
     if problems:
         raise ConfigError(source, problems)
     return config
+
+
+def _shape_problems(value: object, model: object, path: list[object]):
+    """Yield a Problem for each table or list written as another kind of value.
+
+    cattrs would iterate a string where a list belongs (one item per
+    character) and fail with a traceback on a table written as a scalar,
+    so the shape of the raw TOML is checked against the model first.
+    """
+    origin = typing.get_origin(model)
+    if model in (Route, Duration):
+        return  # written as a scalar or list; its own hook says what it expects
+    if isinstance(model, type) and attrs.has(model):
+        if not isinstance(value, dict):
+            keys = ", ".join(field.name for field in attrs.fields(model))
+            yield Problem(_format_path(path), value, f"expected a table with the keys: {keys}")
+            return
+        hints = typing.get_type_hints(model)
+        for name, item in value.items():
+            if name in hints:
+                yield from _shape_problems(item, hints[name], path + [name])
+    elif origin in (tuple, list):
+        item_model = typing.get_args(model)[0]
+        if not isinstance(value, list):
+            yield Problem(_format_path(path), value, _list_expected(item_model, path))
+            return
+        for index, item in enumerate(value):
+            yield from _shape_problems(item, item_model, path + [_Index(index)])
+    elif origin is dict:
+        if not isinstance(value, dict):
+            yield Problem(_format_path(path), value, "expected a table of key = value pairs")
+            return
+        item_model = typing.get_args(model)[1]
+        for key, item in value.items():
+            yield from _shape_problems(item, item_model, path + [_Index(key)])
+
+
+def _list_expected(item_model: object, path: list[object]) -> str:
+    if isinstance(item_model, type) and attrs.has(item_model):
+        return f"expected one or more [[{_format_path(path)}]] tables"
+    return 'expected a list in brackets, e.g. ["..."]'
 
 
 def _walk_errors(exc: BaseException, path: list[object], raw: object):
@@ -212,7 +258,9 @@ def _lookup(raw: object, segments: list[object]) -> object:
 def _show(value: object) -> str:
     if isinstance(value, str):
         shown = value if len(value) <= 80 else value[:77] + "..."
-        return '"' + shown.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON string syntax escapes quotes and control characters, so a
+        # value never breaks the one-line message.
+        return json.dumps(shown, ensure_ascii=False)
     if isinstance(value, bool):
         return "true" if value else "false"
     text = repr(value)

@@ -38,7 +38,7 @@ def parse_duration(value: object) -> Duration:
     """Parse "300s", "5m", "4h", "5d", or a bare number of seconds."""
     if isinstance(value, bool):
         raise ValueError('expected a duration such as "300s", "5m", "4h" or "5d"')
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):
         seconds = float(value)
     elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
         seconds = float(match[1]) * _UNIT_SECONDS[match[2]]
@@ -135,11 +135,17 @@ def parse_network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Networ
     if not isinstance(value, str):
         raise ValueError('expected a network string such as "192.0.2.0/24"')
     try:
-        return ipaddress.ip_network(value, strict=False)
+        network = ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ValueError(
             'expected a network such as "127.0.0.1/32" or "2001:db8::/32"'
         ) from None
+    if "/" in value and ipaddress.ip_interface(value).ip != network.network_address:
+        raise ValueError(
+            f'the address has bits set beyond the prefix; write "{network}" '
+            "for the whole network, or the address alone for one host"
+        )
+    return network
 
 
 # Distinct names for the same value types, so the loader can parse each

@@ -42,7 +42,7 @@ from trimta.smtp.events import (
     RcptTo,
 )
 from trimta.smtp.server import ServerConnection, ServerSettings, State
-from trimta.spool.envelope import ClientInfo
+from trimta.spool.envelope import ClientInfo, Recipient
 from trimta.spool.store import MessageWriter, Spool, SpoolError
 
 logger = logging.getLogger("trimta.listen")
@@ -88,16 +88,24 @@ class _Transaction:
 
     sender: str
     params: dict[str, str | None]
-    recipients: dict[str, list[str]] = attrs.Factory(lambda: defaultdict(list))
+    recipients: dict[str, list[Recipient]] = attrs.Factory(lambda: defaultdict(list))
     writer: MessageWriter | None = None
 
-    def add(self, accepted: Accepted) -> None:
-        addresses = self.recipients[accepted.domain]
-        if accepted.address not in addresses:
-            addresses.append(accepted.address)
+    def add(self, accepted: Accepted, params: dict[str, str | None]) -> None:
+        group = self.recipients[accepted.domain]
+        if any(recipient.address == accepted.address for recipient in group):
+            return
+        notify = params.get("NOTIFY")
+        group.append(
+            Recipient(
+                address=accepted.address,
+                orcpt=params.get("ORCPT"),
+                notify=None if notify is None else notify.upper().split(","),
+            )
+        )
 
-    def count(self) -> int:
-        return sum(len(addresses) for addresses in self.recipients.values())
+    def addresses(self) -> list[str]:
+        return [r.address for group in self.recipients.values() for r in group]
 
 
 class Session:
@@ -247,7 +255,7 @@ class Session:
         decision = self.context.policy.check(event.recipient, self.peer, self.local)
         accepted = decision.accepted
         if accepted is not None and self.transaction is not None:
-            self.transaction.add(accepted)
+            self.transaction.add(accepted, event.params)
         else:
             logger.info(
                 "recipient rejected sid=%s rcpt=<%s> client=%s reply=%d",
@@ -312,7 +320,7 @@ class Session:
             self.sid,
             writer.mid,
             transaction.sender,
-            transaction.count(),
+            len(transaction.addresses()),
             writer.size,
         )
 
@@ -345,7 +353,7 @@ class Session:
             self.transaction = None
 
     def _received_header(self, transaction: _Transaction, mid: str) -> bytes:
-        recipients = [a for group in transaction.recipients.values() for a in group]
+        recipients = transaction.addresses()
         smtputf8 = "SMTPUTF8" in transaction.params
         protocol = "UTF8SMTP" if smtputf8 else ("ESMTP" if self.extended else "SMTP")
         return format_received(

@@ -102,35 +102,34 @@ class SmtpServer:
         self,
         listeners: list[trio.SocketListener],
         grace: float,
+        stop: trio.Event,
         *,
         task_status=trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept on every listener until cancelled, then stop in order.
+        """Accept on every listener until `stop` is set, then stop in order.
 
-        Cancelling the caller's scope starts the stop: listeners close,
-        idle sessions get 421, busy ones get `grace` seconds.
+        Listeners close first, idle sessions then get 421 at once, and
+        sessions in a transaction get `grace` seconds to finish before
+        they are cancelled. Returns when every session has ended.
         """
         async with trio.open_nursery() as sessions:
-            try:
-                async with trio.open_nursery() as accepting:
-                    for listener in listeners:
-                        accepting.start_soon(self._accept_loop, listener, sessions)
-                    task_status.started()
-            finally:
-                await self._stop(listeners, sessions, grace)
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(self._accept_loop, listener, sessions)
+                task_status.started()
+                await stop.wait()
+                accepting.cancel_scope.cancel()
+            await self._close_listeners(listeners)
+            logger.info(
+                "listeners closed; sessions=%d grace=%gs", self.limits.total, grace
+            )
+            self.context.stop_idle_sessions()
+            sessions.cancel_scope.deadline = trio.current_time() + grace
 
-    async def _stop(
-        self,
-        listeners: list[trio.SocketListener],
-        sessions: trio.Nursery,
-        grace: float,
-    ) -> None:
+    async def _close_listeners(self, listeners: list[trio.SocketListener]) -> None:
         with trio.CancelScope(shield=True):
             for listener in listeners:
                 await listener.aclose()
-        logger.info("listeners closed; sessions=%d grace=%gs", self.limits.total, grace)
-        self.context.stop_idle_sessions()
-        sessions.cancel_scope.deadline = trio.current_time() + grace
 
     async def _accept_loop(self, listener: trio.SocketListener, sessions: trio.Nursery) -> None:
         while True:
