@@ -14,10 +14,16 @@ import logging
 import signal
 
 import attrs
+import dns.resolver
 import trio
 
 from trimta.config.model import Config
 from trimta.deliver.local import LocalDeliverySettings, run_local_delivery
+from trimta.deliver.mx import MxResolver
+from trimta.deliver.notify import Bouncer
+from trimta.deliver.queue import QueueManager
+from trimta.deliver.remote import RemoteDeliverer, RemoteSettings
+from trimta.deliver.schedule import RetryPolicy
 from trimta.listen.conn import SessionContext
 from trimta.listen.policy import RecipientPolicy
 from trimta.listen.serve import ListenError, SessionLimits, SmtpServer, open_listeners
@@ -73,6 +79,7 @@ async def serve_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         spool = await _open_spool(config)
         recovered = await spool.open()
+        resolver = build_resolver(config)
         listeners = await _open_all_listeners(config)
         stop = _StopState()
         async with trio.open_nursery() as root:
@@ -80,7 +87,7 @@ async def serve_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) 
             # delivery work is cancelled first, in its own nursery.
             await root.start(spool.run_committer)
             async with trio.open_nursery() as work:
-                await _start_delivery(work, config, spool, recovered)
+                await _start_delivery(work, config, spool, recovered, resolver)
                 server = _build_server(config, spool)
                 stop_accepting = trio.Event()
                 server_done = trio.Event()
@@ -185,11 +192,14 @@ async def _open_all_listeners(config: Config) -> list[trio.SocketListener]:
 
 
 async def _start_delivery(
-    root: trio.Nursery, config: Config, spool: Spool, recovered: list[PartRef]
+    work: trio.Nursery,
+    config: Config,
+    spool: Spool,
+    recovered: list[PartRef],
+    resolver: MxResolver,
 ) -> None:
-    """Start Maildir delivery and route local parts, recovered and new, to it."""
-    send, receive = trio.open_memory_channel(256)
-    local = set(config.domains.local)
+    """Start Maildir delivery and the queue manager, and route parts to them."""
+    local_send, local_receive = trio.open_memory_channel(256)
     settings = LocalDeliverySettings(
         maildir_root=config.local.maildir_root,
         resolve_mailbox=lambda local_part, domain: _resolve_mailbox(
@@ -198,8 +208,101 @@ async def _start_delivery(
         retry_delay=config.delivery.min_backoff.seconds,
         max_retry_delay=config.delivery.max_backoff.seconds,
     )
-    await root.start(run_local_delivery, spool, settings, receive)
-    root.start_soon(_route_parts, spool.subscribe(), send, local, recovered)
+    await work.start(run_local_delivery, spool, settings, local_receive)
+
+    remote_send, remote_receive = trio.open_memory_channel(256)
+    await work.start(_build_queue_manager(config, spool, resolver).run, remote_receive)
+    router = _PartRouter(
+        local_domains=frozenset(config.domains.local),
+        held_domains=frozenset(config.domains.hold),
+        local=local_send,
+        remote=remote_send,
+    )
+    work.start_soon(router.run, spool.subscribe(), recovered)
+
+
+def _build_queue_manager(config: Config, spool: Spool, resolver: MxResolver) -> QueueManager:
+    delivery = config.delivery
+    deliverer = RemoteDeliverer(
+        RemoteSettings(
+            hostname=config.hostname,
+            routes=dict(config.routes),
+            resolver=resolver,
+            connect_timeout=delivery.connect_timeout.seconds,
+        )
+    )
+    bouncer = Bouncer(
+        spool=spool,
+        hostname=config.hostname,
+        postmaster=config.local.postmaster or f"postmaster@{config.hostname}",
+    )
+    retry = RetryPolicy(
+        min_backoff=delivery.min_backoff.seconds,
+        max_backoff=delivery.max_backoff.seconds,
+        max_lifetime=delivery.max_queue_lifetime.seconds,
+    )
+    return QueueManager(
+        spool,
+        deliverer,
+        bouncer,
+        retry,
+        max_concurrency=delivery.max_concurrency,
+        per_domain_concurrency=delivery.per_domain_concurrency,
+    )
+
+
+def build_resolver(config: Config) -> MxResolver:
+    """Build the MX resolver, with trimta's own names and addresses for loop checks.
+
+    Raises:
+        StartupError: No name server is configured and none can be read
+            from /etc/resolv.conf.
+    """
+    own_addresses = {"127.0.0.1", "::1"}
+    for listener in config.listener:
+        if listener.address.host not in ("*", "localhost"):
+            own_addresses.add(listener.address.host)
+    # NOTE: a "*" listener also receives on the machine's other addresses,
+    # which are not listed here; list them in [[listener]] tables if MX
+    # records name them.
+    nameservers = [(server.host, server.port) for server in config.dns.nameservers]
+    try:
+        return MxResolver(
+            nameservers=nameservers or None,
+            own_hostnames={config.hostname},
+            own_addresses=own_addresses,
+        )
+    except dns.resolver.NoResolverConfiguration as exc:
+        raise StartupError(
+            "no DNS name server found in /etc/resolv.conf; set [dns] nameservers"
+        ) from exc
+
+
+@attrs.define
+class _PartRouter:
+    """Sends each committed part to the delivery that serves its domain.
+
+    Held parts stay in the spool until ETRN or ATRN releases them.
+    NOTE: those releases are not built yet.
+    """
+
+    local_domains: frozenset[str]
+    held_domains: frozenset[str]
+    local: trio.MemorySendChannel
+    remote: trio.MemorySendChannel
+
+    async def run(self, new_parts: trio.MemoryReceiveChannel, recovered: list[PartRef]) -> None:
+        async with self.local, self.remote:
+            for part in recovered:
+                await self.route(part)
+            async for part in new_parts:
+                await self.route(part)
+
+    async def route(self, part: PartRef) -> None:
+        if part.domain in self.local_domains:
+            await self.local.send(part)
+        elif part.domain not in self.held_domains:
+            await self.remote.send(part)
 
 
 def _resolve_mailbox(config: Config, local_part: str, domain: str) -> str | None:
@@ -217,18 +320,3 @@ def _resolve_mailbox(config: Config, local_part: str, domain: str) -> str | None
     if users is None or local_part.lower() == "postmaster":
         return local_part
     return local_part.lower() if local_part.lower() in users else None
-
-
-async def _route_parts(new_parts, local_channel, local_domains, recovered) -> None:
-    """Pass local parts to Maildir delivery.
-
-    NOTE: relay and hold parts stay in the spool untouched until the
-    outbound delivery engine and ETRN/ODMR releases exist.
-    """
-    async with local_channel:
-        for part in recovered:
-            if part.domain in local_domains:
-                await local_channel.send(part)
-        async for part in new_parts:
-            if part.domain in local_domains:
-                await local_channel.send(part)

@@ -154,10 +154,10 @@ def _check_routes(config: Config) -> Iterator[Finding]:
 
 
 def _check_durations(config: Config) -> Iterator[Finding]:
-    for name in ("command_timeout", "data_timeout"):
-        value = getattr(config.limits, name)
+    for path in ("limits.command_timeout", "limits.data_timeout", "delivery.connect_timeout"):
+        value = _get(config, path)
         if value.seconds <= 0:
-            yield f"limits.{name}", str(value), "must be above 0, e.g. \"5m\""
+            yield path, str(value), "must be above 0, e.g. \"5m\""
 
 
 def _check_folders(config: Config) -> Iterator[Finding]:

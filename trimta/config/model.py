@@ -141,6 +141,8 @@ class Delivery:
         min_backoff: First delay before retrying a deferred message.
         max_backoff: Longest delay between two retries.
         max_queue_lifetime: Age after which a deferred message bounces.
+        connect_timeout: Time allowed for each TCP connect (and TLS
+            handshake) to a next hop.
     """
 
     max_concurrency: int = 20
@@ -148,6 +150,7 @@ class Delivery:
     min_backoff: Duration = Duration(300)
     max_backoff: Duration = Duration(4000)
     max_queue_lifetime: Duration = Duration(5 * 86400)
+    connect_timeout: Duration = Duration(30)
 
 
 @attrs.frozen

@@ -65,7 +65,13 @@ class DestinationError(Exception):
 
 
 class Connection(Protocol):
-    """An open session with a next hop that carries one message at a time."""
+    """An open session with a next hop that carries one message at a time.
+
+    `usable` turns False when the session broke during a part; the queue
+    manager then opens a new connection for the next part.
+    """
+
+    usable: bool
 
     async def deliver(self, envelope: Envelope, body_path: Path) -> list[RecipientOutcome]:
         """Send one part's pending recipients; return one outcome each.

@@ -35,7 +35,6 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import attrs
 import trio
@@ -211,6 +210,8 @@ class QueueManager:
             await self._record(envelope, [error.outcome_for(r.address) for r in pending])
             raise _ConnectionBroken() from error
         await self._record(envelope, outcomes)
+        if not getattr(connection, "usable", True):
+            raise _ConnectionBroken()
 
     async def _fail_ready(self, queue: _DomainQueue, error: DestinationError) -> None:
         while queue.ready:
