@@ -91,8 +91,9 @@ class Daemon:
         return self.log_path.read_text(errors="replace")
 
     def start(self) -> None:
-        """Start the daemon and wait until its port accepts connections."""
+        """Start the daemon and wait until it logs that it started."""
         log = open(self.log_path, "ab")
+        offset = log.tell()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "trimta", "serve", "--config",
              str(self.folder / "trimta.toml"), "--log-level", "DEBUG"],
@@ -107,7 +108,7 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"trimta exited at start:\n{self.log()}")
-            if "started hostname=" in self.log():
+            if "started hostname=" in self.log()[offset:]:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"trimta did not start in {START_TIMEOUT}s:\n{self.log()}")

@@ -17,7 +17,7 @@ import attrs
 import dns.resolver
 import trio
 
-from trimta.config.model import Config
+from trimta.config.model import Config, Listener
 from trimta.deliver.local import LocalDeliverySettings, run_local_delivery
 from trimta.deliver.mx import MxResolver
 from trimta.deliver.notify import Bouncer
@@ -26,6 +26,7 @@ from trimta.deliver.remote import RemoteDeliverer, RemoteSettings
 from trimta.deliver.schedule import RetryPolicy
 from trimta.listen.conn import SessionContext
 from trimta.listen.policy import RecipientPolicy
+from trimta.ondemand.etrn import EtrnService
 from trimta.listen.serve import ListenError, SessionLimits, SmtpServer, open_listeners
 from trimta.smtp.address import AddressError, parse_mailbox
 from trimta.smtp.server import ServerSettings
@@ -57,7 +58,7 @@ def run(config: Config) -> bool:
     return trio.run(serve_daemon, config)
 
 
-def server_settings(config: Config) -> ServerSettings:
+def server_settings(config: Config, *, etrn: bool = False) -> ServerSettings:
     """Build the SMTP engine settings from the configuration."""
     limits = config.limits
     return ServerSettings(
@@ -65,6 +66,7 @@ def server_settings(config: Config) -> ServerSettings:
         max_message_size=limits.max_message_size,
         max_recipients=limits.max_recipients,
         max_errors=limits.max_errors,
+        etrn=etrn,
     )
 
 
@@ -87,14 +89,17 @@ async def serve_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) 
             # delivery work is cancelled first, in its own nursery.
             await root.start(spool.run_committer)
             async with trio.open_nursery() as work:
-                await _start_delivery(work, config, spool, recovered, resolver)
-                server = _build_server(config, spool)
+                queue = await _start_delivery(work, config, spool, recovered, resolver)
+                etrn = EtrnService(config, spool, queue.release_domain, resolver, work)
+                server, contexts = _build_server(config, spool, etrn, listeners)
                 stop_accepting = trio.Event()
                 server_done = trio.Event()
                 work.start_soon(
-                    _serve_smtp, server, listeners, config, stop_accepting, server_done
+                    _serve_smtp, server, contexts, config, stop_accepting, server_done
                 )
-                addresses = [listener.socket.getsockname()[:2] for listener in listeners]
+                addresses = [
+                    listener.socket.getsockname()[:2] for listener, _ in listeners
+                ]
                 logger.info(
                     "started hostname=%s listening=%s spool=%s recovered=%d",
                     config.hostname,
@@ -116,8 +121,14 @@ class _StopState:
     graceful: bool = True
 
 
-def _build_server(config: Config, spool: Spool) -> SmtpServer:
-    context = SessionContext(
+def _build_server(
+    config: Config,
+    spool: Spool,
+    etrn: EtrnService,
+    listeners: list[tuple[trio.SocketListener, Listener]],
+) -> tuple[SmtpServer, list[tuple[trio.SocketListener, SessionContext]]]:
+    """Build the SMTP server and one session context per listener."""
+    base = SessionContext(
         settings=server_settings(config),
         policy=RecipientPolicy(config),
         spool=spool,
@@ -125,10 +136,19 @@ def _build_server(config: Config, spool: Spool) -> SmtpServer:
         data_timeout=config.limits.data_timeout.seconds,
         min_data_rate=config.limits.min_data_rate,
     )
+    contexts = []
+    for socket_listener, listener in listeners:
+        # attrs.evolve keeps the shared stop event and idle-scope set.
+        context = attrs.evolve(
+            base,
+            settings=server_settings(config, etrn=listener.etrn),
+            etrn=etrn if listener.etrn else None,
+        )
+        contexts.append((socket_listener, context))
     limits = SessionLimits(
         config.limits.max_sessions, config.limits.max_sessions_per_client
     )
-    return SmtpServer(context, limits)
+    return SmtpServer(base, limits), contexts
 
 
 async def _serve_smtp(server, listeners, config, stop_accepting, done) -> None:
@@ -179,13 +199,16 @@ def _probe_spool(spool: Spool) -> None:
     probe.unlink()
 
 
-async def _open_all_listeners(config: Config) -> list[trio.SocketListener]:
-    listeners: list[trio.SocketListener] = []
+async def _open_all_listeners(
+    config: Config,
+) -> list[tuple[trio.SocketListener, Listener]]:
+    listeners: list[tuple[trio.SocketListener, Listener]] = []
     try:
         for index, listener in enumerate(config.listener):
-            listeners += await open_listeners(listener.address)
+            for opened in await open_listeners(listener.address):
+                listeners.append((opened, listener))
     except ListenError as exc:
-        for opened in listeners:
+        for opened, _ in listeners:
             await opened.aclose()
         raise StartupError(f"listener[{index}]: {exc}") from exc
     return listeners
@@ -197,7 +220,7 @@ async def _start_delivery(
     spool: Spool,
     recovered: list[PartRef],
     resolver: MxResolver,
-) -> None:
+) -> QueueManager:
     """Start Maildir delivery and the queue manager, and route parts to them."""
     local_send, local_receive = trio.open_memory_channel(256)
     settings = LocalDeliverySettings(
@@ -211,7 +234,9 @@ async def _start_delivery(
     await work.start(run_local_delivery, spool, settings, local_receive)
 
     remote_send, remote_receive = trio.open_memory_channel(256)
-    await work.start(_build_queue_manager(config, spool, resolver).run, remote_receive)
+    queue = _build_queue_manager(config, spool, resolver)
+    await work.start(queue.run, remote_receive)
+    work.start_soon(queue.run_hold_expiry)
     router = _PartRouter(
         local_domains=frozenset(config.domains.local),
         held_domains=frozenset(config.domains.hold),
@@ -219,6 +244,7 @@ async def _start_delivery(
         remote=remote_send,
     )
     work.start_soon(router.run, spool.subscribe(), recovered)
+    return queue
 
 
 def _build_queue_manager(config: Config, spool: Spool, resolver: MxResolver) -> QueueManager:
@@ -248,6 +274,8 @@ def _build_queue_manager(config: Config, spool: Spool, resolver: MxResolver) -> 
         retry,
         max_concurrency=delivery.max_concurrency,
         per_domain_concurrency=delivery.per_domain_concurrency,
+        held_domains=frozenset(config.domains.hold),
+        hold_lifetime=config.hold.lifetime.seconds,
     )
 
 
@@ -282,8 +310,7 @@ def build_resolver(config: Config) -> MxResolver:
 class _PartRouter:
     """Sends each committed part to the delivery that serves its domain.
 
-    Held parts stay in the spool until ETRN or ATRN releases them.
-    NOTE: those releases are not built yet.
+    Held parts stay in the spool until ETRN releases them.
     """
 
     local_domains: frozenset[str]

@@ -34,6 +34,7 @@ RECEIVER_CASES = {
     "14": "14-ehlo-rset-state-reset.md",
     "16": "16-many-recipients.md",
     "17": "17-bdat-without-chunking.md",
+    "19": "19-etrn-validation.md",
 }
 
 
@@ -202,3 +203,14 @@ def test_case_17_bdat_refused(case_daemon):
     raw = messages[0][2]
     assert parsed(raw)["Subject"] == "after bdat"
     assert raw.endswith(b"\r\n\r\nbody\r\n")
+
+
+def test_case_19_etrn_validation(case_daemon):
+    output = replay(case_daemon, RECEIVER_CASES["19"])
+    assert "SKIP" not in output
+    log = case_daemon.log()
+    # The 50 repeated requests never start more than one release.
+    assert log.count("release started domain=odmr.example.net") <= 1
+    domains = case_daemon.spool / "domains"
+    names = sorted(p.name for p in domains.iterdir()) if domains.exists() else []
+    assert all(name.endswith(".example.net") or name == "example.test" for name in names)

@@ -10,6 +10,7 @@ from trimta.smtp.address import AddressError, normalize_domain
 
 # (key path, minimum) for every whole-number setting.
 _MINIMUMS = (
+    ("etrn.max_requests_per_minute", 1),
     ("delivery.max_concurrency", 1),
     ("delivery.per_domain_concurrency", 1),
     ("limits.max_message_size", 0),
@@ -34,6 +35,7 @@ def run(config: Config) -> Iterator[Finding]:
     yield from _check_routes(config)
     yield from _check_durations(config)
     yield from _check_folders(config)
+    yield from _check_etrn(config)
 
 
 def _get(config: Config, path: str) -> object:
@@ -170,3 +172,22 @@ def _check_folders(config: Config) -> Iterator[Finding]:
             f"must be a folder apart from spool ({config.spool}); neither may "
             "contain the other",
         )
+
+
+def _check_etrn(config: Config) -> Iterator[Finding]:
+    held = set(config.domains.hold)
+    for name, domains in config.etrn.queues.items():
+        for index, domain in enumerate(domains):
+            if domain not in held:
+                yield (
+                    f'etrn.queues."{name}"[{index}]',
+                    domain,
+                    "ETRN releases only held domains; add it to domains.hold",
+                )
+    for index, domain in enumerate(config.etrn.dns_check):
+        if domain not in held:
+            yield (
+                f"etrn.dns_check[{index}]",
+                domain,
+                "ETRN releases only held domains; add it to domains.hold",
+            )

@@ -36,10 +36,12 @@ class Listener:
         address: Where to listen; the host is an IP address, "*" for every
             address, or "localhost".
         kind: The protocol served: "smtp" (mail exchange and relay).
+        etrn: Whether ETRN (RFC 1985) is offered on this listener.
     """
 
     address: ListenAddress
     kind: str = "smtp"
+    etrn: bool = True
 
 
 @attrs.frozen
@@ -118,6 +120,34 @@ class Route:
     ca_file: Path | None = None
     auth_user: str = ""
     auth_password_file: Path | None = None
+
+
+@attrs.frozen
+class Etrn:
+    """ETRN (RFC 1985): who may release which held domains, and how often.
+
+    Attributes:
+        queues: Named queues for `ETRN #name`, each a list of held domains.
+        dns_check: Held domains whose ETRN must come from an address that
+            the domain's MX hosts or A/AAAA records resolve to.
+        max_requests_per_minute: ETRN commands accepted per client address
+            per minute; more get 458.
+    """
+
+    queues: dict[str, tuple[DomainName, ...]] = attrs.Factory(dict)
+    dns_check: tuple[DomainName, ...] = ()
+    max_requests_per_minute: int = 10
+
+
+@attrs.frozen
+class Hold:
+    """Mail for held domains.
+
+    Attributes:
+        lifetime: Age after which held mail not yet released bounces.
+    """
+
+    lifetime: Duration = Duration(7 * 86400)
 
 
 @attrs.frozen
@@ -210,6 +240,8 @@ class Config:
         dns: The resolver for MX lookups.
         delivery: Outbound delivery limits and retry schedule.
         limits: SMTP receiver limits.
+        etrn: ETRN rules for held domains.
+        hold: Held mail's lifetime.
     """
 
     hostname: str = attrs.Factory(default_hostname)
@@ -222,3 +254,5 @@ class Config:
     dns: Dns = Dns()
     delivery: Delivery = Delivery()
     limits: Limits = Limits()
+    etrn: Etrn = Etrn()
+    hold: Hold = Hold()

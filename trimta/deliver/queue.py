@@ -81,6 +81,9 @@ class QueueManager:
         retry: The backoff and lifetime rules.
         max_concurrency: Workers running at once over all domains.
         per_domain_concurrency: Workers running at once per domain.
+        held_domains: Domains whose parts wait for a release (ETRN); a
+            failed attempt leaves them held instead of scheduling a retry.
+        hold_lifetime: Age, in seconds, after which a held part bounces.
         wall_clock: Returns the current time in UTC seconds, as stored in
             envelopes; tests pass one driven by Trio's clock.
     """
@@ -94,6 +97,8 @@ class QueueManager:
         *,
         max_concurrency: int,
         per_domain_concurrency: int,
+        held_domains: frozenset[str] = frozenset(),
+        hold_lifetime: float = 7 * 86400,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool = spool
@@ -102,6 +107,8 @@ class QueueManager:
         self.retry = retry
         self.per_domain_concurrency = per_domain_concurrency
         self.wall_clock = wall_clock
+        self.held_domains = held_domains
+        self.hold_lifetime = hold_lifetime
         self.limiter = trio.CapacityLimiter(max_concurrency)
         self._domains: dict[str, _DomainQueue] = collections.defaultdict(_DomainQueue)
         self._deferred: list[tuple[float, int, PartRef]] = []
@@ -132,9 +139,36 @@ class QueueManager:
             return
         self._schedule(part, envelope.next_attempt)
 
-    def release(self, part: PartRef) -> None:
-        """Make a part ready now, whatever its next attempt time."""
-        self._make_ready(part)
+    async def release_domain(self, domain: str) -> None:
+        """Deliver every part of a held domain now, over one connection.
+
+        The caller holds the domain's spool lock. Parts that fail for now
+        stay held for the next release; parts that fail for good bounce.
+        """
+        queue = _DomainQueue()
+        for part in self.spool.list_parts(domain):
+            queue.queued.add(part)
+            queue.ready.append(part)
+        async with self.limiter:
+            await self._drain(domain, queue)
+
+    async def expire_held(self) -> None:
+        """Bounce held parts older than the hold lifetime."""
+        now = self.wall_clock()
+        for domain in sorted(self.held_domains):
+            if self.spool.lock(domain).locked():
+                continue  # a release is running; it records its own outcomes
+            async with self.spool.lock(domain):
+                for part in self.spool.list_parts(domain):
+                    envelope = await self._load(part)
+                    if envelope is not None and now >= envelope.arrival + self.hold_lifetime:
+                        await self._finish(envelope, self._expire(envelope, {}))
+
+    async def run_hold_expiry(self, interval: float = 3600.0) -> None:
+        """Run `expire_held` every `interval` seconds until cancelled."""
+        while True:
+            await self.expire_held()
+            await trio.sleep(interval)
 
     def _schedule(self, part: PartRef, when: float) -> None:
         if when <= self.wall_clock():
@@ -253,6 +287,15 @@ class QueueManager:
         self, envelope: Envelope, by_address: dict[str, RecipientOutcome]
     ) -> list[RecipientOutcome]:
         now = self.wall_clock()
+        if envelope.domain in self.held_domains:
+            if now < envelope.arrival + self.hold_lifetime:
+                envelope.last_error = _last_error(envelope)
+                logger.info(
+                    "held mid=%s domain=%s attempts=%d error=%s",
+                    envelope.id, envelope.domain, envelope.attempts, envelope.last_error,
+                )
+                return []
+            return self._expire(envelope, by_address)
         when = self.retry.next_attempt(
             arrival=envelope.arrival, attempts=envelope.attempts, now=now
         )
@@ -265,6 +308,11 @@ class QueueManager:
                 envelope.last_error,
             )
             return []
+        return self._expire(envelope, by_address)
+
+    def _expire(
+        self, envelope: Envelope, by_address: dict[str, RecipientOutcome]
+    ) -> list[RecipientOutcome]:
         expired = []
         for recipient in envelope.recipients:
             if recipient.state != "pending":
@@ -290,7 +338,8 @@ class QueueManager:
                 logger.info("done mid=%s domain=%s", envelope.id, envelope.domain)
             else:
                 await self.spool.save(envelope)
-                self._schedule(envelope.part, envelope.next_attempt)
+                if envelope.domain not in self.held_domains:
+                    self._schedule(envelope.part, envelope.next_attempt)
         except SpoolError as exc:
             logger.error("cannot update part mid=%s domain=%s error=%s", envelope.id, envelope.domain, exc)
 

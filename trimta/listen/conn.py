@@ -27,6 +27,7 @@ import trio
 
 from trimta.listen.policy import Accepted, IPAddress, RecipientPolicy
 from trimta.listen.received import clean_helo, format_received
+from trimta.ondemand.etrn import EtrnService
 from trimta.smtp import replies
 from trimta.smtp.events import (
     NEED_DATA,
@@ -61,6 +62,7 @@ class SessionContext:
         command_timeout: Seconds allowed for one whole command line.
         data_timeout: Seconds of DATA allowed beyond what the rate earns.
         min_data_rate: Octets per second that earn one more second of DATA.
+        etrn: Answers ETRN commands, or None where ETRN is not offered.
         stopping: Set when the daemon stops; idle sessions then close.
         idle_scopes: Cancel scopes of sessions waiting for a new
             transaction, which stopping may interrupt at once.
@@ -72,6 +74,7 @@ class SessionContext:
     command_timeout: float
     data_timeout: float
     min_data_rate: int
+    etrn: EtrnService | None = None
     stopping: trio.Event = attrs.Factory(trio.Event)
     idle_scopes: set[trio.CancelScope] = attrs.Factory(set)
 
@@ -333,7 +336,16 @@ class Session:
         await self._discard_transaction()
 
     async def _on_etrn(self, event: Etrn) -> None:
-        self.engine.send_reply(replies.not_implemented("ETRN"))
+        service = self.context.etrn
+        if service is None:
+            self.engine.send_reply(replies.not_implemented("ETRN"))
+            return
+        reply = await service.handle(event.argument, self.peer)
+        logger.info(
+            "etrn sid=%s client=%s node=%s reply=%d", self.sid, self.peer,
+            replies.show(event.argument), reply.code,
+        )
+        self.engine.send_reply(reply)
 
     async def _on_quit(self, event: Quit) -> None:
         await self._discard_transaction()

@@ -100,7 +100,7 @@ class SmtpServer:
 
     async def serve(
         self,
-        listeners: list[trio.SocketListener],
+        listeners: list[tuple[trio.SocketListener, SessionContext]],
         grace: float,
         stop: trio.Event,
         *,
@@ -108,18 +108,21 @@ class SmtpServer:
     ) -> None:
         """Accept on every listener until `stop` is set, then stop in order.
 
+        Each listener comes with the session context of its configuration
+        (every context shares the daemon's stop event and idle scopes).
+
         Listeners close first, idle sessions then get 421 at once, and
         sessions in a transaction get `grace` seconds to finish before
         they are cancelled. Returns when every session has ended.
         """
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
-                for listener in listeners:
-                    accepting.start_soon(self._accept_loop, listener, sessions)
+                for listener, context in listeners:
+                    accepting.start_soon(self._accept_loop, listener, context, sessions)
                 task_status.started()
                 await stop.wait()
                 accepting.cancel_scope.cancel()
-            await self._close_listeners(listeners)
+            await self._close_listeners([listener for listener, _ in listeners])
             logger.info(
                 "listeners closed; sessions=%d grace=%gs", self.limits.total, grace
             )
@@ -131,7 +134,12 @@ class SmtpServer:
             for listener in listeners:
                 await listener.aclose()
 
-    async def _accept_loop(self, listener: trio.SocketListener, sessions: trio.Nursery) -> None:
+    async def _accept_loop(
+        self,
+        listener: trio.SocketListener,
+        context: SessionContext,
+        sessions: trio.Nursery,
+    ) -> None:
         while True:
             try:
                 stream = await listener.accept()
@@ -141,9 +149,9 @@ class SmtpServer:
                 logger.warning("accept failed, retrying in 0.1s: %s", os.strerror(exc.errno))
                 await trio.sleep(0.1)
                 continue
-            sessions.start_soon(self._run_session, stream)
+            sessions.start_soon(self._run_session, stream, context)
 
-    async def _run_session(self, stream: trio.SocketStream) -> None:
+    async def _run_session(self, stream: trio.SocketStream, context: SessionContext) -> None:
         peer = peer_address(stream)
         sid = f"{next(self._ids):x}"
         refusal = self.limits.refusal(peer)
@@ -151,7 +159,7 @@ class SmtpServer:
         logger.info("session opened sid=%s client=%s", sid, peer)
         try:
             async with stream:
-                await Session(self.context, stream, peer, sid).run(refusal)
+                await Session(context, stream, peer, sid).run(refusal)
         except Exception:
             # One broken session must not take the daemon down.
             logger.exception("session failed sid=%s client=%s", sid, peer)

@@ -202,6 +202,33 @@ def etrn_started(argument: str) -> Reply:
     return Reply(250, "2.0.0", (f"queuing for node {argument} started",))
 
 
+def etrn_no_messages(argument: str) -> Reply:
+    """Build RFC 1985's 251 reply: no messages are waiting for the node."""
+    return Reply(251, "2.0.0", (f"OK, no messages waiting for node {argument}",))
+
+
+def etrn_pending(argument: str, count: int) -> Reply:
+    """Build RFC 1985's 253 reply: a release of `count` messages started."""
+    return Reply(
+        253, "2.0.0", (f"OK, {count} pending messages for node {argument} started",)
+    )
+
+
+def etrn_unavailable(argument: str, reason: str) -> Reply:
+    """Build RFC 1985's 458 reply: the node cannot be queued now."""
+    return Reply(458, "4.7.0", (f"unable to queue messages for node {argument}: {reason}",))
+
+
+def etrn_not_allowed(argument: str, reason: str) -> Reply:
+    """Build RFC 1985's 459 reply: the node may not be released."""
+    return Reply(459, "4.7.1", (f"node {argument} not allowed: {reason}",))
+
+
+def etrn_syntax(argument: str, reason: str) -> Reply:
+    """Build the 501 reply to a malformed ETRN argument."""
+    return Reply(501, "5.5.4", (f"invalid ETRN argument {show(argument)}: {reason}",))
+
+
 def cannot_verify() -> Reply:
     """Build the 252 reply to VRFY (RFC 5321 3.5.3)."""
     return Reply(

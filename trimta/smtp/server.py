@@ -490,7 +490,8 @@ class ServerConnection:
         if not argument.strip():
             text = "ETRN needs a node name, e.g. ETRN example.org (RFC 1985)"
             raise RemoteProtocolError(text, replies.parameter_error(text))
-        # TODO(ondemand): validate the node name, "@" and "#" forms.
+        # The driver parses the node, "@" and "#" forms (RFC 1985 section 3)
+        # with trimta.ondemand.etrn, because its replies depend on the spool.
         return self._await(Etrn(argument.strip()))
 
     def _do_turn(self, argument: str) -> Event | None:

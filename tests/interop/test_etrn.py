@@ -1,0 +1,164 @@
+"""ETRN end to end: held mail waits, fetchmail and smtplib release it."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import subprocess
+import time
+
+import pytest
+
+from harness import environment_without_proxy
+from sink import run_sink
+
+FETCHMAIL = "/usr/bin/fetchmail"
+
+
+def held_config(sink_port: int, extra: str = "") -> dict:
+    return dict(
+        hold=("held.example", "sub.held.example", "other.example"),
+        extra=(
+            "[routes]\n"
+            f'"held.example" = ["127.0.0.1:{sink_port}"]\n'
+            f'"sub.held.example" = ["127.0.0.1:{sink_port}"]\n'
+            f'"other.example" = ["127.0.0.1:{sink_port}"]\n'
+            '[delivery]\nmin_backoff = "1s"\n'
+            '[etrn.queues]\n"customer" = ["other.example"]\n' + extra
+        ),
+    )
+
+
+def queue_held(daemon, domain: str, count: int) -> None:
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+        for index in range(count):
+            client.sendmail("alice@example.org", [f"user{index}@{domain}"], b"Subject: held\r\n\r\nx\r\n")
+
+
+def etrn(daemon, argument: str):
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+        client.ehlo("client.example.org")
+        return client.docmd("ETRN", argument)
+
+
+def wait_until(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_held_mail_waits_until_etrn(daemon_factory, tmp_path):
+    with run_sink() as sink:
+        daemon = daemon_factory(**held_config(sink.port))
+        queue_held(daemon, "held.example", 3)
+        time.sleep(1.5)
+        assert sink.messages() == []
+        assert len(daemon.spool_parts("held.example")) == 3
+
+        code, text = etrn(daemon, "held.example")
+        assert code == 253
+        assert text.startswith(b"2.0.0 OK, 3 pending messages")
+        messages = sink.wait_for(3)
+        assert sorted(m.recipients[0] for m in messages) == [
+            f"user{i}@held.example" for i in range(3)
+        ]
+        wait_until(lambda: daemon.spool_parts("held.example") == [], what="spool to empty")
+    # One release uses one connection for all the domain's messages.
+    assert daemon.log().count("release started domain=held.example") == 1
+
+
+def test_etrn_replies(daemon_factory, tmp_path):
+    with run_sink() as sink:
+        daemon = daemon_factory(**held_config(sink.port))
+        assert etrn(daemon, "held.example")[0] == 251
+        code, text = etrn(daemon, "unknown.example")
+        assert code == 459
+        assert text.startswith(b"4.7.1")
+        assert etrn(daemon, "localhost")[0] == 459
+        assert etrn(daemon, "../../etc")[0] == 501
+        assert etrn(daemon, "#nosuchqueue")[0] == 459
+        assert etrn(daemon, "#customer")[0] == 251
+        assert etrn(daemon, "@held.example")[0] == 251
+        queue_held(daemon, "sub.held.example", 1)
+        code, text = etrn(daemon, "@held.example")
+        assert code == 253
+        assert b"1 pending" in text
+        sink.wait_for(1)
+
+
+def test_etrn_rate_limited(daemon_factory, tmp_path):
+    with run_sink() as sink:
+        daemon = daemon_factory(**held_config(sink.port, "[etrn]\nmax_requests_per_minute = 3\n"))
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+            client.ehlo("client.example.org")
+            codes = [client.docmd("ETRN", "held.example")[0] for _ in range(5)]
+    assert codes == [251, 251, 251, 458, 458]
+
+
+def test_repeated_etrn_starts_one_release(daemon_factory, tmp_path):
+    with run_sink(options=["-w", "2"]) as sink:
+        daemon = daemon_factory(**held_config(sink.port))
+        queue_held(daemon, "held.example", 2)
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+            client.ehlo("client.example.org")
+            first = client.docmd("ETRN", "held.example")[0]
+            second = client.docmd("ETRN", "held.example")[0]
+        assert first == 253
+        assert second == 250
+        sink.wait_for(2, timeout=30)
+    assert daemon.log().count("release started domain=held.example") == 1
+
+
+def test_failed_release_leaves_mail_held(daemon_factory, tmp_path):
+    with run_sink(options=["-r", "RCPT"]) as sink:
+        daemon = daemon_factory(**held_config(sink.port))
+        queue_held(daemon, "held.example", 1)
+        assert etrn(daemon, "held.example")[0] == 253
+        wait_until(lambda: "held mid=" in daemon.log(), what="the part to stay held")
+        time.sleep(2.5)  # longer than min_backoff: no retry on its own
+        [envelope] = daemon.spool_parts("held.example")
+        assert envelope["attempts"] == 1
+        assert envelope["recipients"][0]["state"] == "pending"
+        assert envelope["recipients"][0]["last_error"].startswith("450")
+
+
+def test_turn_always_refused(daemon_factory):
+    daemon = daemon_factory(hold=("held.example",))
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+        client.ehlo("client.example.org")
+        code, text = client.docmd("TURN")
+    assert code == 502
+    assert text.startswith(b"5.7.0")
+
+
+def test_etrn_off_on_listener(daemon_factory):
+    daemon = daemon_factory("noetrn", hold=("held.example",))
+    config = (daemon.folder / "trimta.toml").read_text()
+    config = config.replace("[[listener]]\n", "[[listener]]\netrn = false\n")
+    daemon.stop()
+    (daemon.folder / "trimta.toml").write_text(config)
+    daemon.start()
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+        client.ehlo("client.example.org")
+        assert not client.has_extn("etrn")
+        assert client.docmd("ETRN", "held.example")[0] == 502
+
+
+@pytest.mark.skipif(not os.path.exists(FETCHMAIL), reason="fetchmail missing")
+def test_fetchmail_etrn_releases_held_domain(daemon_factory, tmp_path):
+    with run_sink() as sink:
+        daemon = daemon_factory(**held_config(sink.port))
+        queue_held(daemon, "held.example", 2)
+        result = subprocess.run(
+            [FETCHMAIL, "-p", "ETRN", "-P", str(daemon.port), "--fetchdomains",
+             "held.example", "-f", "/dev/null", "127.0.0.1"],
+            capture_output=True, text=True, timeout=60,
+            env=environment_without_proxy() | {"HOME": str(tmp_path)},
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        messages = sink.wait_for(2)
+        assert len(messages) == 2
+    assert "etrn sid=" in daemon.log()

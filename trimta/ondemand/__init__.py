@@ -1,0 +1,1 @@
+"""On-demand relay: releasing held domains with ETRN (RFC 1985)."""
