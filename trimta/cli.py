@@ -50,13 +50,43 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the embedded default configuration as TOML",
     )
+    _add_queue_parser(commands)
     return parser
+
+
+def _add_queue_parser(commands) -> None:
+    queue = commands.add_parser("queue", help="see and steer queued mail")
+    actions = queue.add_subparsers(dest="action", required=True, parser_class=_Parser)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text)
+        sub.add_argument("--config", type=Path, help="TOML configuration file (default: embedded)")
+        sub.add_argument("--json", action="store_true", help="print one JSON object")
+        return sub
+
+    listing = add("list", "list queued parts: id, domain, arrival, size, sender, state")
+    listing.add_argument("domain", nargs="?", help="only this destination domain")
+    listing.add_argument("--summary", action="store_true", help="count and bytes per domain")
+    show = add("show", "show a message's envelope and headers")
+    show.add_argument("id", help="message id, as named in the 250 reply")
+    show.add_argument("--body", action="store_true", help="also print the message body")
+    flush = add("flush", "ask the running daemon to attempt delivery now")
+    flush.add_argument("domain", nargs="?", help="only this destination domain")
+    for name, text in (("hold", "keep a message from delivery"), ("release", "undo hold")):
+        add(name, text).add_argument("id", help="message id")
+    delete = add("delete", "delete a message (the sender gets a DSN)")
+    delete.add_argument("id", help="message id")
+    delete.add_argument("--silent", action="store_true", help="send no DSN")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line and return the process exit code."""
     args = build_parser().parse_args(argv)
-    handlers = {"serve": _run_serve, "check-config": _run_check_config}
+    handlers = {
+        "serve": _run_serve,
+        "check-config": _run_check_config,
+        "queue": _run_queue,
+    }
     return handlers[args.command](args)
 
 
@@ -108,3 +138,27 @@ def _run_serve(args: argparse.Namespace) -> int:
         print("trimta: stopped at once by a second signal", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _run_queue(args: argparse.Namespace) -> int:
+    from trimta.admin import commands
+
+    try:
+        config = _load(args.config)
+    except ConfigError as error:
+        return _report_config_error(error)
+    try:
+        if args.action == "list":
+            return commands.run_list(config, args.domain, args.summary, args.json)
+        if args.action == "show":
+            return commands.run_show(config, args.id, args.body, args.json)
+        request = {"command": args.action}
+        if args.action == "flush":
+            request["domain"] = commands.checked_domain(args.domain)
+        else:
+            request["id"] = args.id
+            request["silent"] = getattr(args, "silent", False)
+        return commands.run_control(config, request, args.json)
+    except ValueError as error:  # a malformed id or domain
+        print(f"trimta: {error}", file=sys.stderr)
+        return EXIT_USAGE

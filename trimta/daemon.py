@@ -17,6 +17,8 @@ import attrs
 import dns.resolver
 import trio
 
+from trimta.admin.actions import QueueActions
+from trimta.admin.control import serve_control
 from trimta.config.model import Config, Listener
 from trimta.deliver.local import LocalDeliverySettings, run_local_delivery
 from trimta.deliver.mx import MxResolver
@@ -89,8 +91,20 @@ async def serve_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) 
             # delivery work is cancelled first, in its own nursery.
             await root.start(spool.run_committer)
             async with trio.open_nursery() as work:
-                queue = await _start_delivery(work, config, spool, recovered, resolver)
+                queue, router, bouncer = await _start_delivery(
+                    work, config, spool, recovered, resolver
+                )
                 etrn = EtrnService(config, spool, queue.release_domain, resolver, work)
+                actions = QueueActions(
+                    spool=spool,
+                    queue=queue,
+                    local_domains=frozenset(config.domains.local),
+                    held_domains=frozenset(config.domains.hold),
+                    start_release=etrn.start_release,
+                    route=router.route,
+                    bounce=bouncer,
+                )
+                await work.start(serve_control, config.spool, actions.handle)
                 server, contexts = _build_server(config, spool, etrn, listeners)
                 stop_accepting = trio.Event()
                 server_done = trio.Event()
@@ -220,9 +234,10 @@ async def _start_delivery(
     spool: Spool,
     recovered: list[PartRef],
     resolver: MxResolver,
-) -> QueueManager:
+) -> tuple[QueueManager, _PartRouter, Bouncer]:
     """Start Maildir delivery and the queue manager, and route parts to them."""
     local_send, local_receive = trio.open_memory_channel(256)
+    bouncer = _build_bouncer(config, spool)
     settings = LocalDeliverySettings(
         maildir_root=config.local.maildir_root,
         resolve_mailbox=lambda local_part, domain: _resolve_mailbox(
@@ -230,11 +245,12 @@ async def _start_delivery(
         ),
         retry_delay=config.delivery.min_backoff.seconds,
         max_retry_delay=config.delivery.max_backoff.seconds,
+        bounce=bouncer,
     )
     await work.start(run_local_delivery, spool, settings, local_receive)
 
     remote_send, remote_receive = trio.open_memory_channel(256)
-    queue = _build_queue_manager(config, spool, resolver)
+    queue = _build_queue_manager(config, spool, resolver, bouncer)
     await work.start(queue.run, remote_receive)
     work.start_soon(queue.run_hold_expiry)
     router = _PartRouter(
@@ -244,10 +260,20 @@ async def _start_delivery(
         remote=remote_send,
     )
     work.start_soon(router.run, spool.subscribe(), recovered)
-    return queue
+    return queue, router, bouncer
 
 
-def _build_queue_manager(config: Config, spool: Spool, resolver: MxResolver) -> QueueManager:
+def _build_bouncer(config: Config, spool: Spool) -> Bouncer:
+    return Bouncer(
+        spool=spool,
+        hostname=config.hostname,
+        postmaster=config.local.postmaster or f"postmaster@{config.hostname}",
+    )
+
+
+def _build_queue_manager(
+    config: Config, spool: Spool, resolver: MxResolver, bouncer: Bouncer
+) -> QueueManager:
     delivery = config.delivery
     deliverer = RemoteDeliverer(
         RemoteSettings(
@@ -256,11 +282,6 @@ def _build_queue_manager(config: Config, spool: Spool, resolver: MxResolver) -> 
             resolver=resolver,
             connect_timeout=delivery.connect_timeout.seconds,
         )
-    )
-    bouncer = Bouncer(
-        spool=spool,
-        hostname=config.hostname,
-        postmaster=config.local.postmaster or f"postmaster@{config.hostname}",
     )
     retry = RetryPolicy(
         min_backoff=delivery.min_backoff.seconds,

@@ -18,13 +18,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
 import trio
 
 from trimta.deliver.mailbox import mailbox_name
+from trimta.deliver.outcome import RecipientOutcome, Verdict
 from trimta.spool import names
 from trimta.spool.envelope import Envelope, EnvelopeError, PartRef, Recipient
 from trimta.spool.store import Spool, SpoolError
@@ -48,6 +49,8 @@ class LocalDeliverySettings:
         max_retry_delay: the maximum retry delay, in seconds.
         max_concurrent: parts delivered at the same time.
         fsync: the fsync function; tests pass a counting or failing one.
+        bounce: queues a DSN for recipients that failed for good; None
+            only logs them.
     """
 
     maildir_root: Path
@@ -56,6 +59,7 @@ class LocalDeliverySettings:
     max_retry_delay: float = 3600.0
     max_concurrent: int = 4
     fsync: Callable[[int], None] = os.fsync
+    bounce: Callable[[Envelope, list[RecipientOutcome]], Awaitable[None]] | None = None
 
 
 class MailboxPathError(ValueError):
@@ -264,14 +268,22 @@ class LocalDelivery:
             seconds before the next attempt.
         """
         envelope = await self.spool.load(part)
+        if envelope.held:
+            logger.info("skipped held mid=%s domain=%s", part.mid, part.domain)
+            return None
         body = self.spool.body_path(part)
+        failed = []
         for recipient in envelope.recipients:
             if recipient.state == "pending":
                 await self._deliver_recipient(envelope, recipient, body)
                 await self.spool.save(envelope)
+                if recipient.state == "failed":
+                    failed.append(_failure_outcome(recipient))
+        if failed and self.settings.bounce is not None:
+            # Queued before the part goes: a crash in between sends the DSN
+            # twice rather than never.
+            await self.settings.bounce(envelope, failed)
         if envelope.is_done():
-            # TODO(bounce): failed recipients need a DSN (RFC 3464); until
-            # bounce.py exists they are only logged, then the part goes.
             await self.spool.remove(part)
             return None
         return await self._defer(envelope)
@@ -377,3 +389,12 @@ async def _schedule_when_due(
         )
         return
     delivery.schedule(nursery, part, max(0.0, envelope.next_attempt - time.time()))
+
+
+def _failure_outcome(recipient: Recipient) -> RecipientOutcome:
+    """Describe a recipient that failed for good, for its DSN."""
+    text = recipient.last_error or "5.0.0 local delivery failed"
+    status = text.split(" ", 1)[0]
+    if not status[:1].isdigit():
+        status = "5.0.0"
+    return RecipientOutcome(recipient.address, Verdict.FAILED, status, text)

@@ -139,6 +139,22 @@ class QueueManager:
             return
         self._schedule(part, envelope.next_attempt)
 
+    def deliver_now(self, part: PartRef) -> None:
+        """Make one part ready now, whatever its next attempt time."""
+        self._deferred = [e for e in self._deferred if e[2] != part]
+        heapq.heapify(self._deferred)
+        self._make_ready(part)
+
+    def flush(self, domain: str | None = None) -> int:
+        """Make deferred parts (of one domain, or all) ready now; return how many."""
+        due = [e for e in self._deferred if domain is None or e[2].domain == domain]
+        self._deferred = [e for e in self._deferred if e not in due]
+        heapq.heapify(self._deferred)
+        for _, _, part in due:
+            self._make_ready(part)
+        self._changed.set()
+        return len(due)
+
     async def release_domain(self, domain: str) -> None:
         """Deliver every part of a held domain now, over one connection.
 
@@ -233,6 +249,9 @@ class QueueManager:
     async def _deliver_part(self, part: PartRef, connection) -> None:
         envelope = await self._load(part)
         if envelope is None:
+            return
+        if envelope.held:
+            logger.info("skipped held mid=%s domain=%s", part.mid, part.domain)
             return
         pending = [r for r in envelope.recipients if r.state == "pending"]
         if not pending:

@@ -183,15 +183,8 @@ class EtrnService:
         return any(_same_address(address, client) for address in addresses)
 
     def _start(self, argument: str, domains: list[str]) -> Reply:
-        running = [d for d in domains if d in self._running or self.spool.lock(d).locked()]
-        waiting = {d: len(self.spool.list_parts(d)) for d in domains if d not in running}
-        count = sum(waiting.values())
-        for domain, parts in waiting.items():
-            if parts:
-                # Marked before the task starts, so a second ETRN at once
-                # sees the release as running and starts no other.
-                self._running.add(domain)
-                self.nursery.start_soon(self._release, domain)
+        running = [d for d in domains if self.is_running(d)]
+        count = self.start_release(domains)
         logger.info(
             "etrn node=%s domains=%s pending=%d running=%s",
             argument, ",".join(domains), count, ",".join(running) or "-",
@@ -201,6 +194,29 @@ class EtrnService:
         if running:
             return replies.etrn_started(argument)
         return replies.etrn_no_messages(argument)
+
+    def is_running(self, domain: str) -> bool:
+        """Whether a release of `domain` is starting or running."""
+        return domain in self._running or self.spool.lock(domain).locked()
+
+    def start_release(self, domains: list[str]) -> int:
+        """Start releasing each domain not already being released.
+
+        Returns:
+            The number of held parts the new releases will try.
+        """
+        count = 0
+        for domain in domains:
+            if self.is_running(domain):
+                continue
+            parts = len(self.spool.list_parts(domain))
+            if parts:
+                # Marked before the task starts, so a second request at once
+                # sees the release as running and starts no other.
+                self._running.add(domain)
+                self.nursery.start_soon(self._release, domain)
+                count += parts
+        return count
 
     async def _release(self, domain: str) -> None:
         try:

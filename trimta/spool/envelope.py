@@ -85,6 +85,7 @@ class Envelope:
         attempts: the number of delivery attempts made so far.
         next_attempt: the earliest time of the next attempt, in UTC seconds.
         last_error: the last error that affected the whole part, or None.
+        held: set by `trimta queue hold`: not delivered until released.
     """
 
     id: str = attrs.field(validator=lambda _i, _a, v: names.check_mid(v))
@@ -98,6 +99,7 @@ class Envelope:
     attempts: int = 0
     next_attempt: float = 0.0
     last_error: str | None = None
+    held: bool = False
 
     @property
     def part(self) -> PartRef:

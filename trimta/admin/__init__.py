@@ -1,0 +1,1 @@
+"""Operating a running daemon: the queue command line and its control socket."""
