@@ -1,0 +1,27 @@
+"""The short crash-consistency run: SIGKILL under load loses nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from sink import require_smtp_sink
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "crashtest"
+
+
+def test_short_crashtest_loses_nothing():
+    require_smtp_sink()
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--kills", "5", "--seed", "7", "--json"],
+        capture_output=True, text=True, timeout=600,
+    )
+    report = json.loads(result.stdout)
+    assert report["acknowledged"] > 0, result.stderr
+    assert report["lost"] == 0, report
+    assert report["duplicates_unexplained"] == [], report
+    assert report["debris"] == [], report
+    assert report["final_exit_code"] == 0, report
+    assert result.returncode == 0, result.stderr
