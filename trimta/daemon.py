@@ -94,7 +94,13 @@ async def serve_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) 
                 queue, router, bouncer = await _start_delivery(
                     work, config, spool, recovered, resolver
                 )
-                etrn = EtrnService(config, spool, queue.release_domain, resolver, work)
+                etrn = EtrnService(
+                    config,
+                    spool,
+                    queue.release_domain,
+                    build_resolver(config, loop_check=False),
+                    work,
+                )
                 actions = QueueActions(
                     spool=spool,
                     queue=queue,
@@ -300,8 +306,13 @@ def _build_queue_manager(
     )
 
 
-def build_resolver(config: Config) -> MxResolver:
+def build_resolver(config: Config, *, loop_check: bool = True) -> MxResolver:
     """Build the MX resolver, with trimta's own names and addresses for loop checks.
+
+    Args:
+        config: The daemon configuration.
+        loop_check: False builds a resolver that returns every MX host,
+            trimta's own included, as ETRN's DNS check needs.
 
     Raises:
         StartupError: No name server is configured and none can be read
@@ -318,8 +329,8 @@ def build_resolver(config: Config) -> MxResolver:
     try:
         return MxResolver(
             nameservers=nameservers or None,
-            own_hostnames={config.hostname},
-            own_addresses=own_addresses,
+            own_hostnames={config.hostname} if loop_check else set(),
+            own_addresses=own_addresses if loop_check else set(),
         )
     except dns.resolver.NoResolverConfiguration as exc:
         raise StartupError(

@@ -162,3 +162,34 @@ def test_fetchmail_etrn_releases_held_domain(daemon_factory, tmp_path):
         messages = sink.wait_for(2)
         assert len(messages) == 2
     assert "etrn sid=" in daemon.log()
+
+
+def test_etrn_dns_check_requires_domain_mail_server(daemon_factory):
+    from dnsmasq import run_dnsmasq
+
+    records = [
+        "--mx-host=held.test,mx.held.test,10",
+        "--host-record=mx.held.test,127.0.0.1",
+    ]
+    with run_dnsmasq(records) as dns_port, run_sink() as sink:
+        daemon = daemon_factory(
+            hold=("held.test",),
+            extra=(
+                f'[routes]\n"held.test" = ["127.0.0.1:{sink.port}"]\n'
+                f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n'
+                '[etrn]\ndns_check = ["held.test"]\n'
+            ),
+        )
+        queue_held(daemon, "held.test", 1)
+        with smtplib.SMTP("127.0.0.1", daemon.port, source_address=("127.0.0.2", 0),
+                          timeout=30) as outsider:
+            outsider.ehlo("client.example.org")
+            code, text = outsider.docmd("ETRN", "held.test")
+        assert code == 459
+        assert b"127.0.0.2 is not a mail server of held.test" in text
+        time.sleep(0.5)
+        assert sink.messages() == []
+
+        code, _ = etrn(daemon, "held.test")  # from 127.0.0.1, the MX host
+        assert code == 253
+        sink.wait_for(1)
