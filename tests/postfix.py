@@ -123,7 +123,9 @@ class Postfix:
             if found:
                 return found
             time.sleep(0.1)
-        raise AssertionError(f"Postfix log has no {pattern!r} after {timeout}s:\n{self.log()}")
+        raise AssertionError(
+            f"Postfix log has no {pattern!r} after {timeout}s:\n{self.log()}"
+        )
 
 
 @attrs.frozen
@@ -159,9 +161,9 @@ def run_postfix(
             implicit-TLS port.
         wrapper_port: Also listen on a second port with TLS from the first
             byte (smtpd_tls_wrappermode); needs `tls`.
-        sasl_user: Enable AUTH against a sasldb holding this one user, and
-            relay only for authenticated clients; needs `tls`, because
-            smtpd offers AUTH only after STARTTLS here.
+        sasl_user: Enable AUTH against a sasldb that contains this one
+            user, and relay only for authenticated clients. It needs
+            `tls`, because smtpd offers AUTH only after STARTTLS here.
         settings: Extra main.cf parameters, which win over the defaults.
     """
     require_postfix()
@@ -210,7 +212,7 @@ def _main_settings(folder: Path, relay_to: tuple[str, int]) -> dict[str, str]:
         "alias_maps": "",
         "local_recipient_maps": "",
         "local_transport": "error:no local delivery",
-        # Retry fast, so a test sees the outcome within seconds.
+        # Short retry times, so that a test gets the outcome within seconds.
         "queue_run_delay": "1s",
         "minimal_backoff_time": "1s",
         "maximal_backoff_time": "2s",
@@ -245,7 +247,10 @@ def _sasl_settings(folder: Path, user: SaslUser) -> dict[str, str]:
     )
     shutil.chown(database, group="postfix")
     database.chmod(0o640)
-    (folder / "smtpd.conf").write_text(
+    # Debian's Postfix reads smtpd.conf from $config_directory/sasl;
+    # upstream Postfix reads it from cyrus_sasl_config_path.
+    (folder / "sasl").mkdir()
+    (folder / "sasl" / "smtpd.conf").write_text(
         "pwcheck_method: auxprop\n"
         "auxprop_plugin: sasldb\n"
         "mech_list: PLAIN LOGIN\n"
@@ -255,12 +260,14 @@ def _sasl_settings(folder: Path, user: SaslUser) -> dict[str, str]:
         "smtpd_sasl_auth_enable": "yes",
         "smtpd_sasl_type": "cyrus",
         "smtpd_sasl_path": "smtpd",
-        "cyrus_sasl_config_path": str(folder),
+        "cyrus_sasl_config_path": str(folder / "sasl"),
         "smtpd_sasl_local_domain": HOSTNAME,
         "smtpd_tls_auth_only": "yes",
         # Relay only for clients that authenticated, loopback included.
         "mynetworks": "",
-        "smtpd_relay_restrictions": "permit_sasl_authenticated, reject_unauth_destination",
+        "smtpd_relay_restrictions": (
+            "permit_sasl_authenticated, reject_unauth_destination"
+        ),
     }
 
 
@@ -287,6 +294,7 @@ def _postfix(folder: Path, command: str) -> None:
     result = subprocess.run(
         [POSTFIX, "-c", str(folder), command],
         capture_output=True,
+        check=False,
         timeout=STOP_TIMEOUT,
     )
     if result.returncode != 0:

@@ -69,6 +69,7 @@ class _DomainQueue:
     ready: collections.deque[PartRef] = attrs.Factory(collections.deque)
     queued: set[PartRef] = attrs.Factory(set)
     workers: int = 0
+    arrived: trio.Event = attrs.Factory(trio.Event)
 
 
 class QueueManager:
@@ -84,6 +85,8 @@ class QueueManager:
         held_domains: Domains whose parts wait for a release (ETRN); a
             failed attempt leaves them held instead of scheduling a retry.
         hold_lifetime: Age, in seconds, after which a held part bounces.
+        linger: Seconds an idle connection waits for another ready part of
+            its domain before it is closed.
         wall_clock: Returns the current time in UTC seconds, as stored in
             envelopes; tests pass one driven by Trio's clock.
     """
@@ -99,6 +102,7 @@ class QueueManager:
         per_domain_concurrency: int,
         held_domains: frozenset[str] = frozenset(),
         hold_lifetime: float = 7 * 86400,
+        linger: float = 1.0,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool = spool
@@ -109,6 +113,7 @@ class QueueManager:
         self.wall_clock = wall_clock
         self.held_domains = held_domains
         self.hold_lifetime = hold_lifetime
+        self.linger = linger
         self.limiter = trio.CapacityLimiter(max_concurrency)
         self._domains: dict[str, _DomainQueue] = collections.defaultdict(_DomainQueue)
         self._deferred: list[tuple[float, int, PartRef]] = []
@@ -166,7 +171,7 @@ class QueueManager:
             queue.queued.add(part)
             queue.ready.append(part)
         async with self.limiter:
-            await self._drain(domain, queue)
+            await self._drain(domain, queue, linger=False)
 
     async def expire_held(self) -> None:
         """Bounce held parts older than the hold lifetime."""
@@ -199,6 +204,7 @@ class QueueManager:
             return
         queue.queued.add(part)
         queue.ready.append(part)
+        queue.arrived.set()
         if queue.workers < self.per_domain_concurrency and self._nursery is not None:
             queue.workers += 1
             self._nursery.start_soon(self._run_worker, part.domain)
@@ -227,12 +233,16 @@ class QueueManager:
             if not queue.ready and queue.workers == 0:
                 self._domains.pop(domain, None)
 
-    async def _drain(self, domain: str, queue: _DomainQueue) -> None:
-        """Deliver ready parts of one domain over as few connections as possible."""
+    async def _drain(self, domain: str, queue: _DomainQueue, *, linger: bool = True) -> None:
+        """Deliver ready parts of one domain over as few connections as possible.
+
+        With `linger`, an idle connection waits briefly for new parts of
+        the domain; a release's private queue gets no new parts.
+        """
         while queue.ready:
             try:
                 async with self.deliverer.connect(domain) as connection:
-                    while queue.ready:
+                    while queue.ready or (linger and await self._linger(queue)):
                         part = queue.ready.popleft()
                         try:
                             await self._deliver_part(part, connection)
@@ -245,6 +255,18 @@ class QueueManager:
                 # No next hop can be reached now, so every ready part of
                 # the domain gets this error instead of a try of its own.
                 await self._fail_ready(queue, error)
+
+    async def _linger(self, queue: _DomainQueue) -> bool:
+        """Keep an idle connection for a moment; return whether a part came.
+
+        Mail often arrives as a steady trickle, and closing the connection
+        whenever the ready queue is empty for an instant would open one
+        connection per message.
+        """
+        queue.arrived = trio.Event()
+        with trio.move_on_after(self.linger):
+            await queue.arrived.wait()
+        return bool(queue.ready)
 
     async def _deliver_part(self, part: PartRef, connection) -> None:
         envelope = await self._load(part)

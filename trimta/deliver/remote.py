@@ -152,7 +152,7 @@ class RemoteDeliverer:
         except trio.TooSlowError:
             raise _HopFailed(f"connect timed out after {timeout:g}s") from None
         except (OSError, trio.BrokenResourceError) as exc:
-            raise _HopFailed(f"connect failed: {exc}") from exc
+            raise _HopFailed(f"connect failed: {_describe(exc)}") from exc
         return stream
 
     def _tls_context(self, route: Route | None) -> ssl.SSLContext:
@@ -236,7 +236,7 @@ class RemoteSession:
             with trio.fail_after(timeout):
                 await tls_stream.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            raise _HopFailed(f"TLS handshake failed: {exc}") from exc
+            raise _HopFailed(f"TLS handshake failed: {_describe(exc)}") from exc
         self.stream = tls_stream
         self.client.reset_after_tls()
         await self._hello()
@@ -402,6 +402,18 @@ def _rcpt_params(recipient) -> dict[str, str | None]:
 def _reply_text(reply: Reply) -> str:
     status = f" {reply.status}" if reply.status else ""
     return f"{reply.code}{status} {' '.join(reply.lines)}"
+
+
+def _describe(exc: BaseException) -> str:
+    """Return an error's text, or its cause's when it has none.
+
+    trio.SSLStream raises BrokenResourceError with an empty message and
+    the ssl.SSLError (e.g. "certificate verify failed") as its cause.
+    """
+    text = str(exc)
+    if not text and exc.__cause__ is not None:
+        return _describe(exc.__cause__)
+    return text or type(exc).__name__
 
 
 def _is_loopback(address: str) -> bool:
