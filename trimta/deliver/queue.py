@@ -160,18 +160,23 @@ class QueueManager:
         self._changed.set()
         return len(due)
 
-    async def release_domain(self, domain: str) -> None:
+    async def release_domain(self, domain: str, deliverer: Deliverer | None = None) -> None:
         """Deliver every part of a held domain now, over one connection.
 
         The caller holds the domain's spool lock. Parts that fail for now
         stay held for the next release; parts that fail for good bounce.
+
+        Args:
+            domain: The held domain.
+            deliverer: Where to deliver; the domain's next hop by default,
+                or ATRN's turned-around connection.
         """
         queue = _DomainQueue()
         for part in self.spool.list_parts(domain):
             queue.queued.add(part)
             queue.ready.append(part)
         async with self.limiter:
-            await self._drain(domain, queue, linger=False)
+            await self._drain(domain, queue, linger=False, deliverer=deliverer)
 
     async def expire_held(self) -> None:
         """Bounce held parts older than the hold lifetime."""
@@ -233,7 +238,14 @@ class QueueManager:
             if not queue.ready and queue.workers == 0:
                 self._domains.pop(domain, None)
 
-    async def _drain(self, domain: str, queue: _DomainQueue, *, linger: bool = True) -> None:
+    async def _drain(
+        self,
+        domain: str,
+        queue: _DomainQueue,
+        *,
+        linger: bool = True,
+        deliverer: Deliverer | None = None,
+    ) -> None:
         """Deliver ready parts of one domain over as few connections as possible.
 
         With `linger`, an idle connection waits briefly for new parts of
@@ -241,7 +253,7 @@ class QueueManager:
         """
         while queue.ready:
             try:
-                async with self.deliverer.connect(domain) as connection:
+                async with (deliverer or self.deliverer).connect(domain) as connection:
                     while queue.ready or (linger and await self._linger(queue)):
                         part = queue.ready.popleft()
                         try:
