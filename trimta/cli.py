@@ -51,7 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the embedded default configuration as TOML",
     )
     _add_queue_parser(commands)
+    _add_passwd_parser(commands)
     return parser
+
+
+def _add_passwd_parser(commands) -> None:
+    passwd = commands.add_parser(
+        "passwd",
+        help="add or replace a user in the AUTH credentials file",
+        description="The password is read from standard input when it is not "
+        "a terminal (first line), else prompted for without echo.",
+    )
+    passwd.add_argument("user", help="user name for SMTP AUTH, e.g. alice@example.org")
+    passwd.add_argument(
+        "--file", type=Path, required=True, help="credentials file ([auth] credentials)"
+    )
+    passwd.add_argument(
+        "--domains",
+        default="",
+        help="comma-separated domains the user may release with ATRN (default: none)",
+    )
+    passwd.add_argument(
+        "--cram-md5",
+        action="store_true",
+        help="also store the password itself so that CRAM-MD5 works for this user",
+    )
 
 
 def _add_queue_parser(commands) -> None:
@@ -86,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": _run_serve,
         "check-config": _run_check_config,
         "queue": _run_queue,
+        "passwd": _run_passwd,
     }
     return handlers[args.command](args)
 
@@ -162,3 +187,55 @@ def _run_queue(args: argparse.Namespace) -> int:
     except ValueError as error:  # a malformed id or domain
         print(f"trimta: {error}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _run_passwd(args: argparse.Namespace) -> int:
+    from trimta.auth.credentials import CredentialsError, set_user
+
+    try:
+        domains = _parse_domains(args.domains)
+        password = _read_password()
+    except ValueError as error:
+        print(f"trimta: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.user or any(ord(c) < 32 for c in args.user):
+        print(f"trimta: invalid user name {args.user!r}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        set_user(args.file, args.user, password, domains, cram_md5=args.cram_md5)
+    except CredentialsError as error:
+        print(f"trimta: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:
+        reason = error.strerror or error
+        print(f"trimta: cannot write {args.file}: {reason}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"trimta: user {args.user} written to {args.file}")
+    return EXIT_OK
+
+
+def _parse_domains(text: str) -> tuple[str, ...]:
+    from trimta.smtp.address import AddressError, normalize_domain
+
+    domains = []
+    for name in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            domains.append(normalize_domain(name))
+        except AddressError as error:
+            raise ValueError(f"--domains: invalid domain {name!r}: {error}") from error
+    return tuple(domains)
+
+
+def _read_password() -> str:
+    """Read the password: first line of standard input, or a prompt on a terminal."""
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise ValueError("the passwords do not match")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ValueError("the password is empty")
+    return password

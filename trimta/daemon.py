@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 
 import attrs
 import dns.resolver
@@ -19,6 +20,7 @@ import trio
 
 from trimta.admin.actions import QueueActions
 from trimta.admin.control import serve_control
+from trimta.auth.credentials import CredentialsError, CredentialStore, load_credentials
 from trimta.config.model import Config, Listener
 from trimta.deliver.local import LocalDeliverySettings, run_local_delivery
 from trimta.deliver.mx import MxResolver
@@ -30,6 +32,8 @@ from trimta.listen.conn import SessionContext
 from trimta.listen.policy import RecipientPolicy
 from trimta.ondemand.etrn import EtrnService
 from trimta.listen.serve import ListenError, SessionLimits, SmtpServer, open_listeners
+from trimta.listen.tls import TlsSetupError, build_server_context
+from trimta.smtp import sasl
 from trimta.smtp.address import AddressError, parse_mailbox
 from trimta.smtp.server import ServerSettings
 from trimta.spool.envelope import PartRef
@@ -60,16 +64,79 @@ def run(config: Config) -> bool:
     return trio.run(serve_daemon, config)
 
 
-def server_settings(config: Config, *, etrn: bool = False) -> ServerSettings:
-    """Build the SMTP engine settings from the configuration."""
+def server_settings(
+    config: Config,
+    *,
+    etrn: bool = False,
+    listener: Listener | None = None,
+    credentials: CredentialStore | None = None,
+) -> ServerSettings:
+    """Build the SMTP engine settings from the configuration.
+
+    Args:
+        config: The daemon's configuration.
+        etrn: Offer ETRN.
+        listener: The listener whose TLS, AUTH and kind settings apply;
+            None gives a plain "smtp" listener without TLS.
+        credentials: The AUTH users; None offers no AUTH.
+    """
     limits = config.limits
+    mechanisms: tuple[str, ...] = ()
+    if credentials is not None:
+        mechanisms = tuple(
+            name
+            for name in sasl.MECHANISMS
+            if name != "CRAM-MD5" or credentials.has_cram_md5
+        )
     return ServerSettings(
         hostname=config.hostname,
         max_message_size=limits.max_message_size,
         max_recipients=limits.max_recipients,
         max_errors=limits.max_errors,
         etrn=etrn,
+        starttls=listener is not None and listener.tls == "starttls",
+        auth_mechanisms=mechanisms,
+        allow_plaintext_auth=listener is not None and listener.allow_plaintext_auth,
+        require_auth=listener is not None and listener.kind == "submission",
     )
+
+
+@attrs.frozen
+class ListenerSecurity:
+    """TLS contexts and AUTH users, loaded once before the listeners start.
+
+    Attributes:
+        tls_contexts: Server TLS context per listener that uses TLS.
+        credentials: The AUTH users, or None when [auth] credentials is unset.
+    """
+
+    tls_contexts: dict[Listener, ssl.SSLContext]
+    credentials: CredentialStore | None
+
+
+def load_listener_security(config: Config) -> ListenerSecurity:
+    """Load every listener's certificate and the credentials file.
+
+    Raises:
+        StartupError: a certificate, key or the credentials file is unusable.
+    """
+    contexts = {}
+    for index, listener in enumerate(config.listener):
+        if listener.tls == "none":
+            continue
+        try:
+            contexts[listener] = build_server_context(
+                listener.tls_cert, listener.tls_key
+            )
+        except TlsSetupError as exc:
+            raise StartupError(f"listener[{index}]: {exc}") from exc
+    credentials = None
+    if config.auth.credentials is not None:
+        try:
+            credentials = load_credentials(config.auth.credentials)
+        except CredentialsError as exc:
+            raise StartupError(f"{exc} (key: auth.credentials)") from exc
+    return ListenerSecurity(contexts, credentials)
 
 
 async def serve_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> bool:
@@ -81,6 +148,7 @@ async def serve_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) 
         True after a graceful stop, False after an immediate one.
     """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        security = load_listener_security(config)
         spool = await _open_spool(config)
         recovered = await spool.open()
         resolver = build_resolver(config)
@@ -111,7 +179,9 @@ async def serve_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) 
                     bounce=bouncer,
                 )
                 await work.start(serve_control, config.spool, actions.handle)
-                server, contexts = _build_server(config, spool, etrn, listeners)
+                server, contexts = _build_server(
+                    config, spool, etrn, listeners, security
+                )
                 stop_accepting = trio.Event()
                 server_done = trio.Event()
                 work.start_soon(
@@ -146,6 +216,7 @@ def _build_server(
     spool: Spool,
     etrn: EtrnService,
     listeners: list[tuple[trio.SocketListener, Listener]],
+    security: ListenerSecurity,
 ) -> tuple[SmtpServer, list[tuple[trio.SocketListener, SessionContext]]]:
     """Build the SMTP server and one session context per listener."""
     base = SessionContext(
@@ -159,10 +230,21 @@ def _build_server(
     contexts = []
     for socket_listener, listener in listeners:
         # attrs.evolve keeps the shared stop event and idle-scope set.
+        # The auth throttle is shared too, so that switching listeners
+        # does not reset a client's failure delay.
         context = attrs.evolve(
             base,
-            settings=server_settings(config, etrn=listener.etrn),
+            settings=server_settings(
+                config,
+                etrn=listener.etrn,
+                listener=listener,
+                credentials=security.credentials,
+            ),
             etrn=etrn if listener.etrn else None,
+            tls_context=security.tls_contexts.get(listener),
+            implicit_tls=listener.tls == "implicit",
+            credentials=security.credentials,
+            submission=listener.kind == "submission",
         )
         contexts.append((socket_listener, context))
     limits = SessionLimits(

@@ -109,13 +109,46 @@ def test_values_parsed_and_normalised():
         ),
         (
             '[[listener]]\naddress = "127.0.0.1:25"\nport = 3',
-            "listener[0].port: unknown key; the keys here are: address, kind",
+            "listener[0].port: unknown key; the keys here are: address, kind, etrn,"
+            " tls_cert, tls_key, tls, allow_plaintext_auth",
         ),
         ("[[listener]]\nkind = \"smtp\"", "listener[0].address: missing"),
         (
             '[[listener]]\naddress = "127.0.0.1:25"\nkind = "pop3"',
-            'listener[0].kind = "pop3": expected one of: smtp',
+            'listener[0].kind = "pop3": expected one of: smtp, submission',
         ),
+        (
+            '[[listener]]\naddress = "127.0.0.1:25"\ntls = "ssl"',
+            'listener[0].tls = "ssl": expected one of: starttls, implicit, none',
+        ),
+        (
+            '[[listener]]\naddress = "127.0.0.1:25"\ntls = "starttls"',
+            'listener[0].tls = "starttls": listener[0].tls_cert is missing',
+        ),
+        (
+            '[[listener]]\naddress = "127.0.0.1:25"\ntls = "implicit"\n'
+            'tls_cert = "cert.pem"',
+            'listener[0].tls = "implicit": listener[0].tls_key is missing',
+        ),
+        (
+            '[[listener]]\naddress = "127.0.0.1:25"\ntls_cert = "cert.pem"',
+            'listener[0].tls = "starttls": listener[0].tls_key is missing',
+        ),
+        (
+            '[[listener]]\naddress = "127.0.0.1:25"\ntls_cert = 5',
+            "listener[0].tls_cert = 5: expected a file path string",
+        ),
+        (
+            '[[listener]]\naddress = "127.0.0.1:25"\nallow_plaintext_auth = "yes"',
+            'listener[0].allow_plaintext_auth = "yes": expected true or false',
+        ),
+        (
+            '[[listener]]\naddress = "127.0.0.1:25"\nkind = "submission"',
+            'listener[0].kind = "submission": a submission listener requires AUTH;'
+            " set [auth] credentials",
+        ),
+        ("[auth]\ncredentials = 3", "auth.credentials = 3: expected a file path"),
+        ('[auth]\nfile = "x"', "auth.file: unknown key"),
         ("colour = 1", "colour: unknown key"),
         ("spool = 3", "spool = 3: expected a folder path"),
         (

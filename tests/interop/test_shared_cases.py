@@ -12,12 +12,15 @@ import email
 import email.policy
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from harness import Daemon, daemon_environment, free_port, toml_config
 
 CASES = Path(__file__).resolve().parents[3] / "shared" / "cases"
 LOCAL = ("example.test", "bücher.example.test")
@@ -31,6 +34,7 @@ RECEIVER_CASES = {
     "09": "09-source-routes-and-postmaster.md",
     "11": "11-address-literals.md",
     "12": "12-smtputf8-idn.md",
+    "13": "13-auth-errors-and-cancel.md",
     "14": "14-ehlo-rset-state-reset.md",
     "16": "16-many-recipients.md",
     "17": "17-bdat-without-chunking.md",
@@ -96,6 +100,39 @@ def case_daemon(daemon_factory):
         hold=("odmr.example.net",),
         extra="[limits]\nmax_message_size = 1048576\nmax_errors = 100\n",
     )
+
+
+@pytest.fixture
+def auth_case_daemon(tmp_path):
+    """Start the case daemon with AUTH: alice@example.test / correct-horse.
+
+    PLAIN and LOGIN are allowed without TLS (the peer is on loopback), and
+    alice has a CRAM-MD5 secret, so all three mechanisms are offered.
+    """
+    require_cases()
+    folder = tmp_path / "auth-case"
+    folder.mkdir()
+    credentials = folder / "users.json"
+    subprocess.run(
+        [sys.executable, "-m", "trimta", "passwd", "--file", str(credentials),
+         "alice@example.test", "--domains", "example.test", "--cram-md5"],
+        input="correct-horse\n", text=True, check=True, capture_output=True,
+        env=daemon_environment(),
+    )
+    port = free_port()
+    text = toml_config(
+        folder, port, local=LOCAL,
+        extra=f"[auth]\ncredentials = {str(credentials)!r}\n"
+        "[limits]\nmax_errors = 100\n",
+    )
+    listener = f'address = "127.0.0.1:{port}"\n'
+    text = text.replace(listener, listener + "allow_plaintext_auth = true\n")
+    (folder / "trimta.toml").write_text(text)
+    daemon = Daemon(folder, port)
+    daemon.start()
+    yield daemon
+    if daemon.process.poll() is None:
+        daemon.stop(signal.SIGKILL)
 
 
 def test_case_02_smuggling_variants(case_daemon):
@@ -174,6 +211,18 @@ def test_case_12_smtputf8_idn(case_daemon):
     assert utf8
     for raw in utf8:
         assert b"with UTF8SMTP id" in raw
+
+
+def test_case_13_auth_errors_and_cancel(auth_case_daemon):
+    output = replay(auth_case_daemon, RECEIVER_CASES["13"])
+    assert "SKIP" not in output
+    assert "remaining steps not run" not in output
+    assert " 0 skipped" in output
+    assert delivered(auth_case_daemon) == []
+    assert not (auth_case_daemon.spool / "domains").exists() or not any(
+        (auth_case_daemon.spool / "domains").rglob("*.env")
+    )
+    assert "correct-horse" not in auth_case_daemon.log()
 
 
 def test_case_14_state_resets(case_daemon):

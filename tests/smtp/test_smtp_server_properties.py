@@ -7,15 +7,17 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trimta.smtp import replies
+from trimta.smtp import replies, sasl
 from trimta.smtp.events import (
     NEED_DATA,
+    AuthAttempt,
     ConnectionClosed,
     DataStarted,
     Ehlo,
     EndOfMessage,
     MessageAborted,
     MessageData,
+    StartTls,
 )
 from trimta.smtp.server import ServerConnection, ServerSettings
 
@@ -39,6 +41,17 @@ COMMANDS = [
     b"BDAT 5 LAST",
     b"TURN",
     b"QUIT",
+    b"STARTTLS",
+    b"AUTH PLAIN",
+    b"AUTH PLAIN AGFsaWNlAHB3",
+    b"AUTH PLAIN =",
+    b"AUTH LOGIN YWxpY2U=",
+    b"AUTH CRAM-MD5",
+    b"AUTH X-UNKNOWN",
+    b"*",
+    b"=",
+    b"cHc=",
+    b"YWxpY2UgMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
     b"Received: from x",
     b"Subject: hello",
     b".",
@@ -75,7 +88,28 @@ server_settings = st.builds(
     max_recipients=st.integers(1, 3),
     max_errors=st.integers(1, 30),
     etrn=st.booleans(),
+    starttls=st.booleans(),
+    auth_mechanisms=st.sampled_from([(), sasl.MECHANISMS, ("CRAM-MD5",)]),
+    allow_plaintext_auth=st.booleans(),
+    require_auth=st.booleans(),
 )
+CRAM_CHALLENGE = b"<1.0@mx.example.test>"
+
+
+def answer(conn: ServerConnection, event) -> None:
+    """Reply to an event the way a driver that accepts "alice" would."""
+    if isinstance(event, StartTls):
+        # Without a TLS peer the handshake fails; the session then ends
+        # the same way however the input was split.
+        conn.tls_failed()
+    elif isinstance(event, AuthAttempt):
+        alice = event.credentials.username == "alice"
+        conn.send_reply(replies.auth_succeeded() if alice else replies.auth_failed())
+    elif conn.awaiting_reply:
+        reply = (
+            replies.queued("Q1") if isinstance(event, EndOfMessage) else replies.ok()
+        )
+        conn.send_reply(reply)
 
 
 def run(config: ServerSettings, chunks: list[bytes]) -> tuple[list, bytes, list[bytes]]:
@@ -84,7 +118,7 @@ def run(config: ServerSettings, chunks: list[bytes]) -> tuple[list, bytes, list[
     Returns the events, the wire bytes and the replies tagged by the
     command phase that produced them.
     """
-    conn = ServerConnection(config)
+    conn = ServerConnection(config, cram_challenge=lambda: CRAM_CHALLENGE)
     conn.send_greeting()
     events: list = []
     wire = bytearray(conn.data_to_send())
@@ -96,13 +130,7 @@ def run(config: ServerSettings, chunks: list[bytes]) -> tuple[list, bytes, list[
             conn.receive_data(pending.pop(0))
             continue
         events.append(event)
-        if conn.awaiting_reply:
-            reply = (
-                replies.queued("Q1")
-                if isinstance(event, EndOfMessage)
-                else replies.ok()
-            )
-            conn.send_reply(reply)
+        answer(conn, event)
         if isinstance(event, ConnectionClosed):
             break
     else:
@@ -186,11 +214,13 @@ def test_every_reply_line_well_formed(config, data):
         code, text = match[1], match[3]
         if STATUS.match(text) and text[0:1] == code[0:1]:
             continue
-        # RFC 2034: only the greeting, HELO/EHLO replies and 354 lack a code.
-        assert code in (b"220", b"250", b"354"), line
+        # RFC 2034: only the greeting, HELO/EHLO replies, 354 and the
+        # 334 AUTH challenges lack a code.
+        assert code in (b"220", b"250", b"354", b"334"), line
         if match[2] == b" ":
             exempt += 1
-    assert exempt == 1 + ehlo_replies + data_starts
+    challenges = sum(line.startswith(b"334") for line in lines)
+    assert exempt == 1 + ehlo_replies + data_starts + challenges
 
 
 @settings(max_examples=200, deadline=None)

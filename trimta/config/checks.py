@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from trimta.config.model import LISTENER_KINDS, ROUTE_TLS_MODES, Config
+from trimta.config.model import (
+    LISTENER_KINDS,
+    LISTENER_TLS_MODES,
+    ROUTE_TLS_MODES,
+    Config,
+    Listener,
+)
 from trimta.config.values import HOSTNAME_PATTERN
 from trimta.smtp.address import AddressError, normalize_domain
 
@@ -72,6 +78,13 @@ def _check_listeners(config: Config) -> Iterator[Finding]:
                 listener.kind,
                 "expected one of: " + ", ".join(LISTENER_KINDS),
             )
+        yield from _check_listener_tls(index, listener)
+        if listener.kind == "submission" and config.auth.credentials is None:
+            yield (
+                f"listener[{index}].kind",
+                listener.kind,
+                "a submission listener requires AUTH; set [auth] credentials",
+            )
         if listener.address in seen:
             yield (
                 f"listener[{index}].address",
@@ -79,6 +92,27 @@ def _check_listeners(config: Config) -> Iterator[Finding]:
                 "this address is already used by another listener",
             )
         seen.add(listener.address)
+
+
+def _check_listener_tls(index: int, listener: Listener) -> Iterator[Finding]:
+    path = f"listener[{index}]"
+    if listener.tls not in LISTENER_TLS_MODES:
+        yield (
+            f"{path}.tls",
+            listener.tls,
+            "expected one of: " + ", ".join(LISTENER_TLS_MODES),
+        )
+        return
+    if listener.tls == "none":
+        return
+    for key in ("tls_cert", "tls_key"):
+        if getattr(listener, key) is None:
+            yield (
+                f"{path}.tls",
+                listener.tls,
+                f"{path}.{key} is missing; TLS needs tls_cert and tls_key "
+                '(PEM file paths), or write tls = "none"',
+            )
 
 
 def _check_domains(config: Config) -> Iterator[Finding]:

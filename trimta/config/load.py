@@ -291,6 +291,15 @@ def _structure_path(value: Any, _type: object) -> Path:
     return Path(value).expanduser()
 
 
+def _structure_optional_path(value: Any, _type: object) -> Path | None:
+    """Structure an optional file path, where "" means none."""
+    if value == "" or value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError('expected a file path string, e.g. "/etc/trimta/file.pem"')
+    return Path(value).expanduser()
+
+
 def _structure_local_part(value: Any, _type: object) -> str:
     if not isinstance(value, str) or not value or "@" in value:
         raise ValueError('expected a local part without "@", e.g. "alice"')
@@ -303,6 +312,9 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(int, _strict(int, "a whole number"))
     converter.register_structure_hook(bool, _strict(bool, "true or false"))
     converter.register_structure_hook(Path, _structure_path)
+    converter.register_structure_hook_func(
+        lambda model: model == (Path | None), _structure_optional_path
+    )
     converter.register_structure_hook(DomainName, _structure_domain)
     converter.register_structure_hook(Duration, lambda v, _: parse_duration(v))
     converter.register_structure_hook(Network, lambda v, _: parse_network(v))

@@ -25,7 +25,13 @@ from trimta.config.values import (
     RouteKey,
 )
 
-LISTENER_KINDS = ("smtp",)
+# Later protocols (ODMR) add their kind here and in the daemon.
+LISTENER_KINDS = ("smtp", "submission")
+LISTENER_TLS_MODES = ("starttls", "implicit", "none")
+
+
+def _default_tls(listener: Listener) -> str:
+    return "starttls" if listener.tls_cert is not None else "none"
 
 
 @attrs.frozen
@@ -35,13 +41,37 @@ class Listener:
     Attributes:
         address: Where to listen; the host is an IP address, "*" for every
             address, or "localhost".
-        kind: The protocol served: "smtp" (mail exchange and relay).
+        kind: The protocol served: "smtp" (mail exchange and relay) or
+            "submission" (RFC 6409: AUTH required before MAIL).
         etrn: Whether ETRN (RFC 1985) is offered on this listener.
+        tls_cert: PEM file with the server certificate chain.
+        tls_key: PEM file with the certificate's private key.
+        tls: "starttls" offers STARTTLS (RFC 3207), "implicit" starts TLS
+            on accept (port 465), "none" never uses TLS. The default is
+            "starttls" when tls_cert is set, else "none".
+        allow_plaintext_auth: Offer AUTH PLAIN and LOGIN without TLS
+            (passwords then cross the network in the clear).
     """
 
     address: ListenAddress
     kind: str = "smtp"
     etrn: bool = True
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls: str = attrs.field(default=attrs.Factory(_default_tls, takes_self=True))
+    allow_plaintext_auth: bool = False
+
+
+@attrs.frozen
+class Auth:
+    """SMTP AUTH for the receiver's listeners.
+
+    Attributes:
+        credentials: JSON file of users, password hashes and domains,
+            written by `trimta passwd`; None means AUTH is not offered.
+    """
+
+    credentials: Path | None = None
 
 
 @attrs.frozen
@@ -242,6 +272,7 @@ class Config:
         limits: SMTP receiver limits.
         etrn: ETRN rules for held domains.
         hold: Held mail's lifetime.
+        auth: SMTP AUTH credentials.
     """
 
     hostname: str = attrs.Factory(default_hostname)
@@ -256,3 +287,4 @@ class Config:
     limits: Limits = Limits()
     etrn: Etrn = Etrn()
     hold: Hold = Hold()
+    auth: Auth = Auth()

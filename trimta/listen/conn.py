@@ -12,6 +12,18 @@ the previous reply, so a client dribbling one byte now and then is closed
 even though it is never silent. During DATA the message must end within
 `data_timeout` plus one second per `min_data_rate` octets received, and no
 read may wait longer than `data_timeout`.
+
+TLS: for STARTTLS the engine answers 220 and returns StartTls; this
+module sends the 220, wraps the socket in a server-side `trio.SSLStream`
+and runs the handshake within `command_timeout`. Implicit TLS runs the
+same handshake before the greeting. A failed handshake closes the session
+with one log line.
+
+AUTH: the engine returns AuthAttempt with the credentials. They are
+checked against the credentials file in a worker thread (scrypt is slow
+on purpose). A failure is answered only after a delay that grows per
+client address (`trimta.auth.throttle`). Log lines name the user and the
+mechanism, never a password, digest or AUTH response.
 """
 
 from __future__ import annotations
@@ -20,17 +32,23 @@ import errno
 import ipaddress
 import logging
 import math
+import ssl
+import time
 from collections import defaultdict
 
 import attrs
 import trio
 
+from trimta.auth.credentials import CredentialStore
+from trimta.auth.throttle import AuthThrottle
 from trimta.listen.policy import Accepted, IPAddress, RecipientPolicy
 from trimta.listen.received import clean_helo, format_received
+from trimta.listen.submission import HeaderCompleter
 from trimta.ondemand.etrn import EtrnService
-from trimta.smtp import replies
+from trimta.smtp import replies, sasl
 from trimta.smtp.events import (
     NEED_DATA,
+    AuthAttempt,
     ConnectionClosed,
     DataStarted,
     Ehlo,
@@ -41,6 +59,7 @@ from trimta.smtp.events import (
     MessageData,
     Quit,
     RcptTo,
+    StartTls,
 )
 from trimta.smtp.server import ServerConnection, ServerSettings, State
 from trimta.spool.envelope import ClientInfo, Recipient
@@ -63,6 +82,13 @@ class SessionContext:
         data_timeout: Seconds of DATA allowed beyond what the rate earns.
         min_data_rate: Octets per second that earn one more second of DATA.
         etrn: Answers ETRN commands, or None where ETRN is not offered.
+        tls_context: Server TLS context for STARTTLS or implicit TLS.
+        implicit_tls: Run the TLS handshake on accept, before the greeting.
+        credentials: Users for AUTH, or None where AUTH is not offered.
+        auth_throttle: Failure delays per client address, shared by all
+            listeners.
+        submission: Add Message-ID and Date to messages that lack them
+            (RFC 6409 8.2, 8.3).
         stopping: Set when the daemon stops; idle sessions then close.
         idle_scopes: Cancel scopes of sessions waiting for a new
             transaction, which stopping may interrupt at once.
@@ -75,6 +101,11 @@ class SessionContext:
     data_timeout: float
     min_data_rate: int
     etrn: EtrnService | None = None
+    tls_context: ssl.SSLContext | None = None
+    implicit_tls: bool = False
+    credentials: CredentialStore | None = None
+    auth_throttle: AuthThrottle = attrs.Factory(AuthThrottle)
+    submission: bool = False
     stopping: trio.Event = attrs.Factory(trio.Event)
     idle_scopes: set[trio.CancelScope] = attrs.Factory(set)
 
@@ -133,7 +164,11 @@ class Session:
         self.peer = peer
         self.local = local_address(stream)
         self.sid = sid
-        self.engine = ServerConnection(context.settings)
+        self.engine = ServerConnection(
+            context.settings,
+            secure=context.implicit_tls,
+            cram_challenge=self._new_cram_challenge,
+        )
         self.helo = ""
         self.extended = False
         self.transaction: _Transaction | None = None
@@ -141,6 +176,7 @@ class Session:
         self._data_started = 0.0
         self._data_octets = 0
         self._spool_failure = replies.spool_unavailable()
+        self._header_completer: HeaderCompleter | None = None
         self._handlers = {
             Ehlo: self._on_ehlo,
             MailFrom: self._on_mail,
@@ -150,6 +186,8 @@ class Session:
             EndOfMessage: self._on_end_of_message,
             MessageAborted: self._on_message_aborted,
             Etrn: self._on_etrn,
+            StartTls: self._on_starttls,
+            AuthAttempt: self._on_auth,
             Quit: self._on_quit,
         }
 
@@ -160,15 +198,61 @@ class Session:
             refusal: A reply (421 or 554) to send instead of the greeting,
                 for a session over a limit.
         """
+        self._restart_command_deadline()
+        if self.context.implicit_tls and not await self._start_tls():
+            return
         if refusal is None:
             self.engine.send_greeting()
         else:
             self.engine.refuse_session(refusal)
-        self._restart_command_deadline()
         try:
             await self._serve()
         finally:
             await self._discard_transaction()
+            await self._close_tls()
+
+    async def _start_tls(self) -> bool:
+        """Run the server side of the TLS handshake; log and return False on failure."""
+        assert self.context.tls_context is not None
+        tls_stream = trio.SSLStream(
+            self.stream, self.context.tls_context, server_side=True
+        )
+        with trio.CancelScope(deadline=self._deadline) as scope:
+            try:
+                await tls_stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                reason = exc.__cause__ or exc
+                logger.warning(
+                    "tls failed sid=%s client=%s error=%s", self.sid, self.peer, reason
+                )
+                return False
+        if scope.cancelled_caught:
+            logger.warning(
+                "tls failed sid=%s client=%s error=timeout", self.sid, self.peer
+            )
+            return False
+        self.stream = tls_stream
+        logger.info(
+            "tls started sid=%s version=%s cipher=%s",
+            self.sid,
+            tls_stream.version(),
+            (tls_stream.cipher() or ("?",))[0],
+        )
+        return True
+
+    async def _close_tls(self) -> None:
+        """Send the TLS close_notify; the caller closes the socket itself."""
+        if not isinstance(self.stream, trio.SSLStream):
+            return
+        with trio.move_on_after(1):
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    def _new_cram_challenge(self) -> bytes:
+        # RFC 2195 2: the challenge contains a random number and a timestamp.
+        return sasl.new_cram_challenge(self.context.settings.hostname, int(time.time()))
 
     async def _serve(self) -> None:
         while True:
@@ -255,7 +339,12 @@ class Session:
         self.engine.send_reply(replies.sender_ok())
 
     async def _on_rcpt(self, event: RcptTo) -> None:
-        decision = self.context.policy.check(event.recipient, self.peer, self.local)
+        decision = self.context.policy.check(
+            event.recipient,
+            self.peer,
+            self.local,
+            authenticated=self.engine.auth_user is not None,
+        )
         accepted = decision.accepted
         if accepted is not None and self.transaction is not None:
             self.transaction.add(accepted, event.params)
@@ -275,13 +364,19 @@ class Session:
         self._data_started = trio.current_time()
         self._data_octets = 0
         transaction.writer = self.context.spool.new_message()
-        header = self._received_header(transaction, transaction.writer.mid)
-        await self._write(transaction, header)
+        mid = transaction.writer.mid
+        if self.context.submission:
+            message_id = f"<{mid}@{self.context.settings.hostname}>"
+            self._header_completer = HeaderCompleter(message_id)
+        await self._write(transaction, self._received_header(transaction, mid))
 
     async def _on_message_data(self, event: MessageData) -> None:
         transaction = self.transaction
+        data = event.data
+        if self._header_completer is not None:
+            data = self._header_completer.feed(data)
         if transaction is not None and transaction.writer is not None:
-            await self._write(transaction, event.data)
+            await self._write(transaction, data)
 
     async def _write(self, transaction: _Transaction, data: bytes) -> None:
         try:
@@ -294,6 +389,9 @@ class Session:
 
     async def _on_end_of_message(self, event: EndOfMessage) -> None:
         transaction = self.transaction
+        completer, self._header_completer = self._header_completer, None
+        if completer is not None and transaction is not None and transaction.writer:
+            await self._write(transaction, completer.finish())
         writer = None if transaction is None else transaction.writer
         if writer is None:
             self.transaction = None
@@ -328,6 +426,7 @@ class Session:
         )
 
     async def _on_message_aborted(self, event: MessageAborted) -> None:
+        self._header_completer = None
         logger.info(
             "message rejected sid=%s reply=%s",
             self.sid,
@@ -346,6 +445,46 @@ class Session:
             replies.show(event.argument), reply.code,
         )
         self.engine.send_reply(reply)
+
+    async def _on_starttls(self, event: StartTls) -> None:
+        # The 220 must reach the client before the handshake starts.
+        if await self._flush() and await self._start_tls():
+            self.engine.tls_started()
+            self.helo, self.extended = "", False
+        else:
+            self.engine.tls_failed()
+
+    async def _on_auth(self, event: AuthAttempt) -> None:
+        credentials = event.credentials
+        store = self.context.credentials
+        user_text = replies.show(credentials.username)
+        if store is None:
+            self.engine.send_reply(replies.auth_unavailable())
+            return
+        try:
+            user = await trio.to_thread.run_sync(store.check, credentials)
+        except ValueError as exc:
+            logger.error(
+                "auth check failed sid=%s user=%s: %s", self.sid, user_text, exc
+            )
+            self.engine.send_reply(replies.auth_unavailable())
+            return
+        throttle = self.context.auth_throttle
+        if user is None:
+            delay = throttle.record_failure(self.peer, trio.current_time())
+            logger.warning(
+                "auth failed sid=%s client=%s mechanism=%s user=%s delay=%gs",
+                self.sid, self.peer, credentials.mechanism, user_text, delay,
+            )
+            await trio.sleep(delay)
+            self.engine.send_reply(replies.auth_failed())
+            return
+        throttle.record_success(self.peer)
+        logger.info(
+            "auth succeeded sid=%s client=%s mechanism=%s user=%s",
+            self.sid, self.peer, credentials.mechanism, user_text,
+        )
+        self.engine.send_reply(replies.auth_succeeded())
 
     async def _on_quit(self, event: Quit) -> None:
         await self._discard_transaction()
@@ -368,6 +507,10 @@ class Session:
         recipients = transaction.addresses()
         smtputf8 = "SMTPUTF8" in transaction.params
         protocol = "UTF8SMTP" if smtputf8 else ("ESMTP" if self.extended else "SMTP")
+        if protocol != "SMTP":
+            # RFC 3848 and RFC 6531 7: "S" for TLS, "A" for AUTH.
+            protocol += "S" if self.engine.secure else ""
+            protocol += "A" if self.engine.auth_user is not None else ""
         return format_received(
             helo=self.helo,
             client_address=str(self.peer or "unknown"),

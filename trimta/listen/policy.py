@@ -64,6 +64,8 @@ class RecipientPolicy:
         recipient: Address,
         client: IPAddress | None,
         server: IPAddress | None = None,
+        *,
+        authenticated: bool = False,
     ) -> Decision:
         """Decide on one RCPT TO address.
 
@@ -71,18 +73,20 @@ class RecipientPolicy:
             recipient: The parsed RCPT TO address.
             client: The client's IP address.
             server: The local address the session was accepted on.
+            authenticated: The session passed SMTP AUTH, so it may relay
+                like a client in relay.trusted_networks.
         """
         if recipient.domain == "":
             return self._postmaster(recipient)
         domain = self._spool_domain(recipient, server)
         if domain is None:
-            return self._relay_or_reject(recipient, client)
+            return self._relay_or_reject(recipient, client, authenticated)
         domains = self.config.domains
         if domain in domains.local:
             return self._local(recipient, domain)
         if domain in domains.relay or domain in domains.hold:
             return _accept(domain, str(recipient), local=False)
-        return self._relay_or_reject(recipient, client)
+        return self._relay_or_reject(recipient, client, authenticated)
 
     def _spool_domain(self, recipient: Address, server: IPAddress | None) -> str | None:
         if not recipient.is_literal:
@@ -116,8 +120,11 @@ class RecipientPolicy:
         stored = Address(local_part, domain)
         return _accept(domain, str(stored), local=True)
 
-    def _relay_or_reject(self, recipient: Address, client: IPAddress | None) -> Decision:
-        if recipient.is_literal or client is None or not self._trusted(client):
+    def _relay_or_reject(
+        self, recipient: Address, client: IPAddress | None, authenticated: bool
+    ) -> Decision:
+        allowed = authenticated or (client is not None and self._trusted(client))
+        if recipient.is_literal or not allowed:
             return Decision(replies.relay_denied(str(recipient)))
         return _accept(recipient.domain, str(recipient), local=False)
 

@@ -1,8 +1,9 @@
 """Events that ``ServerConnection.next_event`` returns to its driver.
 
 Events after which the driver must call ``send_reply`` are MailFrom,
-RcptTo, EndOfMessage and Etrn. The engine has already answered every
-other command itself.
+RcptTo, EndOfMessage, Etrn and AuthAttempt. After StartTls the driver
+runs the TLS handshake and calls ``tls_started`` or ``tls_failed``. The
+engine has already answered every other command itself.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import attrs
 
 from trimta.smtp.address import Address
 from trimta.smtp.replies import Reply
+from trimta.smtp.sasl import Credentials
 
 
 class NeedData(enum.Enum):
@@ -104,6 +106,27 @@ class Etrn:
 
 
 @attrs.frozen
+class StartTls:
+    """STARTTLS was answered with 220 (RFC 3207); the driver must handshake.
+
+    The engine has already dropped every byte received after the command,
+    so nothing sent in plaintext is read as if it came over TLS.
+    """
+
+
+@attrs.frozen
+class AuthAttempt:
+    """An AUTH exchange ended with credentials; the driver must reply.
+
+    The driver answers 235 2.7.0 when ``credentials`` match the
+    credentials file, 535 5.7.8 when they do not, or 454 4.7.0 when they
+    cannot be checked now.
+    """
+
+    credentials: Credentials
+
+
+@attrs.frozen
 class Quit:
     """QUIT was answered with 221; ConnectionClosed follows."""
 
@@ -122,6 +145,8 @@ Event = (
     | EndOfMessage
     | MessageAborted
     | Etrn
+    | StartTls
+    | AuthAttempt
     | Quit
     | ConnectionClosed
 )

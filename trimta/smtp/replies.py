@@ -80,7 +80,11 @@ class Reply:
         last = len(self.lines) - 1
         for index, line in enumerate(self.lines):
             separator = " " if index == last else "-"
-            out.append(f"{self.code}{separator}{prefix}{line}".rstrip(" ") + "\r\n")
+            text = f"{self.code}{separator}{prefix}{line}"
+            # RFC 4954 4: a 334 keeps its space even before an empty challenge.
+            if self.code != 334:
+                text = text.rstrip(" ")
+            out.append(text + "\r\n")
         return "".join(out).encode("ascii")
 
 
@@ -248,6 +252,69 @@ def help_text() -> Reply:
 def start_mail_input() -> Reply:
     """Build the 354 reply to DATA (3xx replies carry no enhanced status)."""
     return Reply(354, None, ("start mail input, end with <CRLF>.<CRLF>",))
+
+
+# STARTTLS (RFC 3207) and AUTH (RFC 4954) replies.
+
+
+def tls_ready() -> Reply:
+    """Build the 220 2.0.0 reply after which the TLS handshake starts."""
+    return Reply(220, "2.0.0", ("ready to start TLS",))
+
+
+def tls_already_active() -> Reply:
+    """Build the 503 reply to a second STARTTLS (RFC 3207 4.2)."""
+    return Reply(503, "5.5.1", ("TLS is already active",))
+
+
+def auth_challenge(text: str) -> Reply:
+    """Build a 334 reply carrying a base64 challenge (no enhanced status)."""
+    return Reply(334, None, (text,))
+
+
+def auth_succeeded() -> Reply:
+    """Build the 235 2.7.0 reply to a successful AUTH (RFC 4954 6)."""
+    return Reply(235, "2.7.0", ("authentication succeeded",))
+
+
+def auth_failed() -> Reply:
+    """Build the 535 5.7.8 reply for credentials that do not match."""
+    return Reply(535, "5.7.8", ("authentication credentials invalid",))
+
+
+def auth_unavailable() -> Reply:
+    """Build the 454 4.7.0 reply when credentials cannot be checked now."""
+    return Reply(454, "4.7.0", ("temporary authentication failure, try again later",))
+
+
+def auth_cancelled() -> Reply:
+    """Build the 501 5.7.0 reply to a "*" response (RFC 4954 4)."""
+    return Reply(501, "5.7.0", ("authentication cancelled by the client",))
+
+
+def auth_malformed(reason: str) -> Reply:
+    """Build the 501 5.5.2 reply to an undecodable or malformed response."""
+    return Reply(501, "5.5.2", (f"invalid AUTH response: {reason}",))
+
+
+def auth_mechanism_unknown(name: str, offered: list[str]) -> Reply:
+    """Build the 504 5.5.4 reply for a mechanism this server does not offer."""
+    choices = " ".join(offered) or "none"
+    return Reply(
+        504, "5.5.4", (f"mechanism {show(name, 20)} not offered; use one of: {choices}",)
+    )
+
+
+def auth_encryption_required(name: str) -> Reply:
+    """Build the 538 5.7.11 reply: a plaintext mechanism needs TLS first."""
+    return Reply(
+        538, "5.7.11", (f"encryption required for {name}: send STARTTLS first",)
+    )
+
+
+def auth_required() -> Reply:
+    """Build the 530 5.7.0 reply to MAIL before AUTH on a submission port."""
+    return Reply(530, "5.7.0", ("authentication required: send AUTH before MAIL",))
 
 
 # Policy and spool replies, sent by the driver.

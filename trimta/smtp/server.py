@@ -1,5 +1,5 @@
 """Sans-IO SMTP server engine (RFC 5321 with PIPELINING, SIZE, 8BITMIME,
-SMTPUTF8, ENHANCEDSTATUSCODES, DSN parameters and ETRN).
+SMTPUTF8, ENHANCEDSTATUSCODES, DSN parameters, ETRN, STARTTLS and AUTH).
 
 Theory of operation. The driver feeds received bytes to ``receive_data``
 and calls ``next_event`` until it returns NEED_DATA, then sends
@@ -11,7 +11,8 @@ are handled strictly in order: while a reply is owed, pipelined input
 stays in the buffer (RFC 2920 3.1).
 
 The command buffer never holds more than the longest allowed command
-line plus what the driver fed since the last NEED_DATA. An over-long line
+line (12288 octets for AUTH lines and SASL responses, RFC 4954 4) plus
+what the driver fed since the last NEED_DATA. An over-long line
 is discarded as it arrives, and once its CRLF comes it gets exactly one
 500 5.5.6. In the DATA state every received byte goes straight to the
 DotReader, which returns message content as MessageData events and keeps
@@ -22,21 +23,35 @@ returns ConnectionClosed once the complete lines before the EOF have been
 handled. In the DATA state it first returns MessageAborted carrying a 451
 reply that is never sent, so the driver discards the partial message on
 the same path as any rejected message.
+
+STARTTLS (RFC 3207) returns StartTls after queueing the 220 and drops
+every byte buffered behind the command: a client (or an attacker in the
+path) may have pipelined plaintext commands after STARTTLS, and those
+must never run as if they came over TLS. Input fed before the driver
+calls ``tls_started`` is dropped too. ``tls_started`` then forgets the
+EHLO name, the transaction and any AUTH, so the client must greet again.
+
+AUTH (RFC 4954) runs the mechanisms of ``trimta.smtp.sasl``. While an
+exchange is open the engine is in the AUTH state and reads each line as
+a base64 response. When the mechanism has credentials, the engine
+returns AuthAttempt, and the driver checks them and replies 235 or 535.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+from collections.abc import Callable
 
 import attrs
 
-from trimta.smtp import replies
+from trimta.smtp import replies, sasl
 from trimta.smtp.address import Address, AddressError, parse_address_literal
 from trimta.smtp.dotstuff import DotReader, Problem
 from trimta.smtp.errors import LocalProtocolError, RemoteProtocolError
 from trimta.smtp.events import (
     NEED_DATA,
+    AuthAttempt,
     NeedData,
     ConnectionClosed,
     DataStarted,
@@ -49,6 +64,7 @@ from trimta.smtp.events import (
     MessageData,
     Quit,
     RcptTo,
+    StartTls,
 )
 from trimta.smtp.parse import (
     MAX_ANY_COMMAND_LINE,
@@ -56,6 +72,7 @@ from trimta.smtp.parse import (
     parse_command,
     parse_mail_argument,
     parse_rcpt_argument,
+    split_path_argument,
 )
 from trimta.smtp.replies import Reply
 
@@ -66,6 +83,8 @@ class State(enum.Enum):
     GREETING = "GREETING"  # before send_greeting or refuse_session
     COMMAND = "COMMAND"
     DATA = "DATA"  # between the 354 and the final dot
+    STARTTLS = "STARTTLS"  # after the 220 to STARTTLS, until the handshake ends
+    AUTH = "AUTH"  # reading SASL responses after a 334
     CLOSED = "CLOSED"
 
 
@@ -77,8 +96,14 @@ class ServerSettings:
     ``max_message_size`` is in octets, advertised with SIZE; 0 means no
     limit. ``max_recipients`` caps accepted RCPTs per transaction (RFC 5321
     4.5.3.1.8 requires at least 100). After ``max_errors`` syntax or
-    sequence errors the session ends with 421 4.7.0. ``etrn`` advertises
-    ETRN; without it ETRN gets 502.
+    sequence errors or failed AUTH attempts the session ends with 421
+    4.7.0. ``etrn`` advertises ETRN; without it ETRN gets 502.
+
+    ``starttls`` offers STARTTLS before TLS is active. ``auth_mechanisms``
+    lists the SASL mechanisms (names from ``sasl.MECHANISMS``) offered;
+    empty means AUTH gets 502. PLAIN and LOGIN are offered only over TLS
+    unless ``allow_plaintext_auth`` is set. ``require_auth`` rejects MAIL
+    before a successful AUTH with 530 (RFC 6409 submission).
     """
 
     hostname: str
@@ -87,6 +112,10 @@ class ServerSettings:
     max_errors: int = 20
     etrn: bool = False
     greeting_text: str = "ESMTP trimta"
+    starttls: bool = False
+    auth_mechanisms: tuple[str, ...] = ()
+    allow_plaintext_auth: bool = False
+    require_auth: bool = False
 
 
 class _LineTooLong(enum.Enum):
@@ -106,9 +135,30 @@ _PROBLEM_REPLIES = {
 class ServerConnection:
     """State machine for one SMTP server session; see the module docstring."""
 
-    def __init__(self, settings: ServerSettings) -> None:
-        """Create a session in the GREETING state."""
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        secure: bool = False,
+        cram_challenge: Callable[[], bytes] | None = None,
+    ) -> None:
+        """Create a session in the GREETING state.
+
+        Args:
+            settings: Protocol settings of the listener.
+            secure: TLS is already active (implicit TLS on accept).
+            cram_challenge: Makes each CRAM-MD5 challenge; the driver
+                passes one that includes the time (RFC 2195 2). The
+                default uses a timestamp of 0 because the engine reads
+                no clock.
+        """
         self.settings = settings
+        self._secure = secure
+        self._cram_challenge = cram_challenge or (
+            lambda: sasl.new_cram_challenge(settings.hostname, 0)
+        )
+        self._auth_user: str | None = None
+        self._mechanism: sasl.Mechanism | None = None
         self._state = State.GREETING
         self._input = bytearray()
         self._scan_from = 0  # offset in _input where the CRLF search resumes
@@ -144,6 +194,16 @@ class ServerConnection:
     def extended(self) -> bool:
         """Whether the client greeted with EHLO rather than HELO."""
         return self._extended
+
+    @property
+    def secure(self) -> bool:
+        """Whether TLS is active on the connection."""
+        return self._secure
+
+    @property
+    def auth_user(self) -> str | None:
+        """User name of the successful AUTH, or None before one."""
+        return self._auth_user
 
     @property
     def in_transaction(self) -> bool:
@@ -191,7 +251,9 @@ class ServerConnection:
             raise LocalProtocolError("receive_data called after end of input (b'')")
         if not data:
             self._eof = True
-        elif self._state is not State.CLOSED:
+        elif self._state not in (State.CLOSED, State.STARTTLS):
+            # RFC 3207 4.2 (CVE-2011-0411): bytes that arrive before the
+            # handshake ends are plaintext and must never be run.
             self._input += data
 
     def next_event(self) -> Event | NeedData:
@@ -214,16 +276,20 @@ class ServerConnection:
             raise LocalProtocolError("call send_greeting or refuse_session first")
         if self._state is State.DATA:
             return self._next_data_event()
-        if self._state is State.COMMAND:
+        if self._state in (State.COMMAND, State.AUTH):
             return self._next_command_event()
+        if self._state is State.STARTTLS:
+            raise LocalProtocolError("call tls_started or tls_failed after StartTls")
         return ConnectionClosed()
 
     def send_reply(self, reply: Reply) -> None:
-        """Answer the pending MailFrom, RcptTo, EndOfMessage or Etrn event.
+        """Answer the pending MailFrom, RcptTo, EndOfMessage, Etrn or AuthAttempt.
 
         A 2xx reply to MailFrom opens the transaction and a 2xx reply to
         RcptTo adds the recipient. Any reply to EndOfMessage ends the
-        transaction. A 421 reply also closes the session (RFC 5321 3.8).
+        transaction. A 235 to AuthAttempt authenticates the session, and
+        a 5xx to it counts against ``max_errors``. A 421 reply also closes
+        the session (RFC 5321 3.8).
 
         Raises:
             LocalProtocolError: no event is waiting, or reply is 3xx.
@@ -238,7 +304,10 @@ class ServerConnection:
                 f"a {reply.code} reply cannot answer {type(event).__name__}"
             )
         self._awaiting = None
-        self._queue(reply)
+        if isinstance(event, AuthAttempt) and reply.code // 100 == 5:
+            self._reject(reply)
+        else:
+            self._queue(reply)
         if reply.code // 100 == 2:
             self._apply_success(event)
         if isinstance(event, EndOfMessage):
@@ -246,11 +315,30 @@ class ServerConnection:
         if reply.code == 421:
             self._state = State.CLOSED
 
+    def tls_started(self) -> None:
+        """Record a finished TLS handshake and reset the session (RFC 3207 4.2).
+
+        The client must send EHLO again, and any transaction or AUTH from
+        before the handshake is forgotten.
+        """
+        self._require_state(State.STARTTLS, "tls_started")
+        self._secure = True
+        self._helo_name, self._extended = None, False
+        self._auth_user = None
+        self._reset_transaction()
+        self._state = State.COMMAND
+
+    def tls_failed(self) -> None:
+        """Close the session after a failed TLS handshake, sending nothing."""
+        self._require_state(State.STARTTLS, "tls_failed")
+        self._state = State.CLOSED
+
     def close(self, reply: Reply) -> None:
         """Queue a closing reply (e.g. 421 4.4.2 timeout) and end the session."""
         if self._state is State.CLOSED:
             raise LocalProtocolError("close called on a closed session")
         self._awaiting = None
+        self._mechanism = None
         self._events.clear()
         self._queue(reply)
         self._state = State.CLOSED
@@ -301,6 +389,8 @@ class ServerConnection:
         elif isinstance(event, RcptTo):
             self._recipients.append(event.recipient)
             self._recipient_params.append(dict(event.params))
+        elif isinstance(event, AuthAttempt):
+            self._auth_user = event.credentials.username
 
     def _pop_event(self) -> Event:
         event = self._events.popleft()
@@ -315,7 +405,7 @@ class ServerConnection:
     # Internals: command phase.
 
     def _next_command_event(self) -> Event | NeedData:
-        while self._state is State.COMMAND:
+        while self._state in (State.COMMAND, State.AUTH):
             line = self._take_line()
             if line is None:
                 if not self._eof:
@@ -344,15 +434,24 @@ class ServerConnection:
     def _skip_long_line(self) -> None:
         """Drop the start of a line that can no longer fit (memory bound)."""
         buffer = self._input
-        if not self._discard_limit and len(buffer) >= MAX_ANY_COMMAND_LINE:
-            self._discard_limit = _line_limit(buffer)
+        limit = self._line_limit(buffer)
+        if not self._discard_limit and len(buffer) >= max(MAX_ANY_COMMAND_LINE, limit):
+            self._discard_limit = limit
         if self._discard_limit:
             # Keep a final CR: it may pair with an LF in the next input.
             keep = 1 if buffer.endswith(b"\r") else 0
             del buffer[: len(buffer) - keep]
         self._scan_from = max(0, len(buffer) - 1)
 
+    def _line_limit(self, line: bytes | bytearray) -> int:
+        """Return the length limit, CRLF included, for the line being read."""
+        if self._state is State.AUTH:
+            return sasl.MAX_RESPONSE_LINE
+        return _line_limit(line)
+
     def _handle_line(self, line: bytes | _LineTooLong) -> Event | None:
+        if self._state is State.AUTH:
+            return self._handle_auth_line(line)
         if line is _LINE_TOO_LONG:
             limit, self._discard_limit = self._discard_limit, 0
             return self._reject(replies.line_too_long(limit))
@@ -409,7 +508,21 @@ class ServerConnection:
         ]
         if self.settings.etrn:
             keywords.append("ETRN")
+        if self.settings.starttls and not self._secure:
+            keywords.append("STARTTLS")
+        mechanisms = self._offered_mechanisms()
+        if mechanisms:
+            keywords.append("AUTH " + " ".join(mechanisms))
         return keywords
+
+    def _offered_mechanisms(self) -> list[str]:
+        """List the mechanisms usable now: PLAIN and LOGIN need TLS or a waiver."""
+        plaintext_ok = self._secure or self.settings.allow_plaintext_auth
+        return [
+            name
+            for name in self.settings.auth_mechanisms
+            if plaintext_ok or name not in sasl.PLAINTEXT_MECHANISMS
+        ]
 
     def _do_mail(self, argument: str) -> Event | None:
         if self._helo_name is None:
@@ -417,6 +530,10 @@ class ServerConnection:
         if self._in_transaction:
             text = "nested MAIL: a transaction is already open, send RSET first"
             return self._reject(replies.bad_sequence(text))
+        if self.settings.require_auth and self._auth_user is None:
+            return self._reject(replies.auth_required())
+        if self.settings.auth_mechanisms:
+            argument = _drop_auth_parameter(argument)
         sender, params = parse_mail_argument(argument)
         limit = self.settings.max_message_size
         # RFC 1870 6.1: refuse a declared size over the limit at MAIL.
@@ -494,6 +611,87 @@ class ServerConnection:
         # with trimta.ondemand.etrn, because its replies depend on the spool.
         return self._await(Etrn(argument.strip()))
 
+    def _do_starttls(self, argument: str) -> Event | None:
+        if not self.settings.starttls:
+            return self._reject(replies.not_implemented("STARTTLS"))
+        if self._secure:
+            return self._reject(replies.tls_already_active())
+        if argument:
+            # RFC 3207 4: the command takes no parameters.
+            raise _syntax(f"STARTTLS takes no argument, got {replies.show(argument)}")
+        if self._in_transaction:
+            text = "STARTTLS is not allowed during a mail transaction, send RSET first"
+            return self._reject(replies.bad_sequence(text))
+        self._queue(replies.tls_ready())
+        # Drop whatever the client pipelined after STARTTLS (RFC 3207 4.2).
+        self._input.clear()
+        self._scan_from = 0
+        self._discard_limit = 0
+        self._state = State.STARTTLS
+        return StartTls()
+
+    def _do_auth(self, argument: str) -> Event | None:
+        if not self.settings.auth_mechanisms:
+            return self._reject(replies.not_implemented("AUTH"))
+        problem = self._auth_sequence_problem()
+        if problem:
+            return self._reject(replies.bad_sequence(problem))
+        name, _, initial = argument.strip().partition(" ")
+        name, initial = name.upper(), initial.strip()
+        if not name:
+            raise _syntax("AUTH needs a mechanism name, e.g. AUTH PLAIN")
+        offered = self._offered_mechanisms()
+        if name not in self.settings.auth_mechanisms:
+            return self._reject(replies.auth_mechanism_unknown(name, offered))
+        if name not in offered:
+            return self._reject(replies.auth_encryption_required(name))
+        mechanism = sasl.start_mechanism(name, self._cram_challenge())
+        try:
+            # RFC 4954 4: "=" stands for an empty initial response.
+            response = sasl.decode_response(initial.encode()) if initial else None
+            step = mechanism.step(response)
+        except sasl.SaslError as error:
+            return self._reject(replies.auth_malformed(error.reason))
+        return self._take_auth_step(mechanism, step)
+
+    def _auth_sequence_problem(self) -> str:
+        """Explain why AUTH is out of order now (RFC 4954 4), or return ""."""
+        if self._helo_name is None or not self._extended:
+            return "send EHLO before AUTH"
+        if self._auth_user is not None:
+            return "already authenticated: AUTH is allowed once per session"
+        if self._in_transaction:
+            return "AUTH is not allowed during a mail transaction"
+        return ""
+
+    def _handle_auth_line(self, line: bytes | _LineTooLong) -> Event | None:
+        # Whatever the line holds, this exchange ends unless the mechanism
+        # sends another challenge.
+        mechanism, self._mechanism = self._mechanism, None
+        self._state = State.COMMAND
+        assert mechanism is not None
+        if line is _LINE_TOO_LONG or len(line) + 2 > sasl.MAX_RESPONSE_LINE:
+            self._discard_limit = 0
+            return self._reject(replies.line_too_long(sasl.MAX_RESPONSE_LINE))
+        if line == b"*":
+            self._queue(replies.auth_cancelled())
+            return None
+        try:
+            step = mechanism.step(sasl.decode_response(line))
+        except sasl.SaslError as error:
+            return self._reject(replies.auth_malformed(error.reason))
+        return self._take_auth_step(mechanism, step)
+
+    def _take_auth_step(
+        self, mechanism: sasl.Mechanism, step: sasl.Step
+    ) -> Event | None:
+        if isinstance(step, sasl.Challenge):
+            self._queue(replies.auth_challenge(sasl.encode_challenge(step.data)))
+            self._mechanism = mechanism
+            self._state = State.AUTH
+            return None
+        return self._await(AuthAttempt(step))
+
     def _do_turn(self, argument: str) -> Event | None:
         return self._reject(replies.turn_refused())
 
@@ -540,8 +738,22 @@ class ServerConnection:
 
 def _line_limit(line: bytes | bytearray) -> int:
     """Return the length limit for a command line from its first word."""
-    verb = bytes(line[:9]).partition(b" ")[0]
-    return max_line_length(verb.decode("ascii", "replace").upper())
+    verb = bytes(line[:9]).partition(b" ")[0].decode("ascii", "replace").upper()
+    if verb == "AUTH":
+        # RFC 4954 4: AUTH with an initial response may fill 12288 octets.
+        return sasl.MAX_RESPONSE_LINE
+    return max_line_length(verb)
+
+
+def _drop_auth_parameter(argument: str) -> str:
+    """Remove the MAIL parameter AUTH=, which RFC 4954 5 lets a server ignore.
+
+    Servers that advertise AUTH must accept the parameter. trimta does not
+    relay the submitter identity, so it treats every message as AUTH=<>.
+    """
+    path, rest = split_path_argument(argument, "FROM")
+    words = [word for word in rest.split() if not word.upper().startswith("AUTH=")]
+    return " ".join([f"FROM:{path}", *words])
 
 
 def _syntax(text: str) -> RemoteProtocolError:
@@ -597,7 +809,7 @@ _COMMANDS = {
     "TURN": ServerConnection._do_turn,
     "EXPN": _not_implemented("EXPN"),
     "BDAT": _not_implemented("BDAT"),
-    "STARTTLS": _not_implemented("STARTTLS"),
-    "AUTH": _not_implemented("AUTH"),
+    "STARTTLS": ServerConnection._do_starttls,
+    "AUTH": ServerConnection._do_auth,
     "ATRN": _not_implemented("ATRN"),
 }

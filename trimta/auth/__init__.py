@@ -1,0 +1,1 @@
+"""SMTP AUTH credentials: the credentials file, password hashes, throttling."""
