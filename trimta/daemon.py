@@ -31,6 +31,7 @@ from trimta.deliver.schedule import RetryPolicy
 from trimta.listen.conn import SessionContext
 from trimta.listen.policy import RecipientPolicy
 from trimta.ondemand.etrn import EtrnService
+from trimta.ondemand.odmr import AtrnService
 from trimta.listen.serve import ListenError, SessionLimits, SmtpServer, open_listeners
 from trimta.listen.tls import TlsSetupError, build_server_context
 from trimta.smtp import sasl
@@ -98,6 +99,7 @@ def server_settings(
         auth_mechanisms=mechanisms,
         allow_plaintext_auth=listener is not None and listener.allow_plaintext_auth,
         require_auth=listener is not None and listener.kind == "submission",
+        odmr=listener is not None and listener.kind == "odmr",
     )
 
 
@@ -179,8 +181,18 @@ async def serve_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) 
                     bounce=bouncer,
                 )
                 await work.start(serve_control, config.spool, actions.handle)
+                atrn = None
+                if security.credentials is not None:
+                    atrn = AtrnService(
+                        hostname=config.hostname,
+                        credentials=security.credentials,
+                        held_domains=frozenset(config.domains.hold),
+                        spool=spool,
+                        queue=queue,
+                        etrn=etrn,
+                    )
                 server, contexts = _build_server(
-                    config, spool, etrn, listeners, security
+                    config, spool, etrn, atrn, listeners, security
                 )
                 stop_accepting = trio.Event()
                 server_done = trio.Event()
@@ -215,6 +227,7 @@ def _build_server(
     config: Config,
     spool: Spool,
     etrn: EtrnService,
+    atrn: AtrnService | None,
     listeners: list[tuple[trio.SocketListener, Listener]],
     security: ListenerSecurity,
 ) -> tuple[SmtpServer, list[tuple[trio.SocketListener, SessionContext]]]:
@@ -232,15 +245,18 @@ def _build_server(
         # attrs.evolve keeps the shared stop event and idle-scope set.
         # The auth throttle is shared too, so that switching listeners
         # does not reset a client's failure delay.
+        odmr = listener.kind == "odmr"
+        offer_etrn = listener.etrn and not odmr
         context = attrs.evolve(
             base,
             settings=server_settings(
                 config,
-                etrn=listener.etrn,
+                etrn=offer_etrn,
                 listener=listener,
                 credentials=security.credentials,
             ),
-            etrn=etrn if listener.etrn else None,
+            etrn=etrn if offer_etrn else None,
+            atrn=atrn if odmr else None,
             tls_context=security.tls_contexts.get(listener),
             implicit_tls=listener.tls == "implicit",
             credentials=security.credentials,

@@ -79,11 +79,11 @@ def _check_listeners(config: Config) -> Iterator[Finding]:
                 "expected one of: " + ", ".join(LISTENER_KINDS),
             )
         yield from _check_listener_tls(index, listener)
-        if listener.kind == "submission" and config.auth.credentials is None:
+        if listener.kind in ("submission", "odmr") and config.auth.credentials is None:
             yield (
                 f"listener[{index}].kind",
                 listener.kind,
-                "a submission listener requires AUTH; set [auth] credentials",
+                f"a {listener.kind} listener requires AUTH; set [auth] credentials",
             )
         if listener.address in seen:
             yield (

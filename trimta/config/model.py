@@ -26,7 +26,7 @@ from trimta.config.values import (
 )
 
 # Later protocols (ODMR) add their kind here and in the daemon.
-LISTENER_KINDS = ("smtp", "submission")
+LISTENER_KINDS = ("smtp", "submission", "odmr")
 LISTENER_TLS_MODES = ("starttls", "implicit", "none")
 
 
@@ -42,7 +42,10 @@ class Listener:
         address: Where to listen; the host is an IP address, "*" for every
             address, or "localhost".
         kind: The protocol served: "smtp" (mail exchange and relay) or
-            "submission" (RFC 6409: AUTH required before MAIL).
+            "submission" (RFC 6409: AUTH required before MAIL), or "odmr"
+            (RFC 2645: authenticated customers send ATRN to receive their
+            held domains' mail on the same connection; port 366 by
+            convention).
         etrn: Whether ETRN (RFC 1985) is offered on this listener.
         tls_cert: PEM file with the server certificate chain.
         tls_key: PEM file with the certificate's private key.

@@ -45,9 +45,11 @@ from trimta.listen.policy import Accepted, IPAddress, RecipientPolicy
 from trimta.listen.received import clean_helo, format_received
 from trimta.listen.submission import HeaderCompleter
 from trimta.ondemand.etrn import EtrnService
+from trimta.ondemand.odmr import AtrnService
 from trimta.smtp import replies, sasl
 from trimta.smtp.events import (
     NEED_DATA,
+    Atrn,
     AuthAttempt,
     ConnectionClosed,
     DataStarted,
@@ -106,6 +108,7 @@ class SessionContext:
     credentials: CredentialStore | None = None
     auth_throttle: AuthThrottle = attrs.Factory(AuthThrottle)
     submission: bool = False
+    atrn: AtrnService | None = None
     stopping: trio.Event = attrs.Factory(trio.Event)
     idle_scopes: set[trio.CancelScope] = attrs.Factory(set)
 
@@ -186,6 +189,7 @@ class Session:
             EndOfMessage: self._on_end_of_message,
             MessageAborted: self._on_message_aborted,
             Etrn: self._on_etrn,
+            Atrn: self._on_atrn,
             StartTls: self._on_starttls,
             AuthAttempt: self._on_auth,
             Quit: self._on_quit,
@@ -485,6 +489,23 @@ class Session:
             self.sid, self.peer, credentials.mechanism, user_text,
         )
         self.engine.send_reply(replies.auth_succeeded())
+
+    async def _on_atrn(self, event: Atrn) -> None:
+        service = self.context.atrn
+        if service is None or self.engine.auth_user is None:
+            self.engine.send_reply(replies.not_implemented("ATRN"))
+            return
+        grant = service.grant(self.engine.auth_user, list(event.domains))
+        logger.info(
+            "atrn sid=%s user=%s requested=%s reply=%d", self.sid, self.engine.auth_user,
+            ",".join(event.domains) or "*", grant.reply.code,
+        )
+        self.engine.send_reply(grant.reply)
+        try:
+            if grant.domains and await self._flush():
+                await service.turn_around(self.stream, grant, self.peer)
+        finally:
+            grant.release()
 
     async def _on_quit(self, event: Quit) -> None:
         await self._discard_transaction()

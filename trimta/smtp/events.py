@@ -106,6 +106,19 @@ class Etrn:
 
 
 @attrs.frozen
+class Atrn:
+    """An ATRN command from an authenticated ODMR client (RFC 2645).
+
+    ``domains`` are the normalised domains named, empty for "every domain
+    the user may release". The driver must reply; after a 2xx reply the
+    engine is closed, because the roles on the connection reverse and the
+    driver becomes the SMTP client.
+    """
+
+    domains: tuple[str, ...]
+
+
+@attrs.frozen
 class StartTls:
     """STARTTLS was answered with 220 (RFC 3207); the driver must handshake.
 
@@ -145,6 +158,7 @@ Event = (
     | EndOfMessage
     | MessageAborted
     | Etrn
+    | Atrn
     | StartTls
     | AuthAttempt
     | Quit

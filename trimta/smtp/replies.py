@@ -312,9 +312,9 @@ def auth_encryption_required(name: str) -> Reply:
     )
 
 
-def auth_required() -> Reply:
-    """Build the 530 5.7.0 reply to MAIL before AUTH on a submission port."""
-    return Reply(530, "5.7.0", ("authentication required: send AUTH before MAIL",))
+def auth_required(verb: str = "MAIL") -> Reply:
+    """Build the 530 5.7.0 reply to a command that needs AUTH first."""
+    return Reply(530, "5.7.0", (f"authentication required: send AUTH before {verb}",))
 
 
 # Policy and spool replies, sent by the driver.
@@ -470,3 +470,31 @@ def mail_loop(count: int) -> Reply:
 def connection_lost() -> Reply:
     """Build the 451 reply recorded, never sent, when the peer leaves in DATA."""
     return Reply(451, "4.4.2", ("connection lost during DATA",))
+
+
+# ODMR (RFC 2645) replies.
+
+
+def odmr_no_mail(verb: str) -> Reply:
+    """Build the 502 reply to MAIL, RCPT or DATA on an ODMR listener (RFC 2645 5.4)."""
+    return Reply(502, "5.5.1", (f"{verb} is not available on the ODMR service; send ATRN",))
+
+
+def atrn_started(domains: list[str]) -> Reply:
+    """Build the 250 reply that turns the connection around (RFC 2645 4.3)."""
+    return Reply(250, "2.0.0", (f"OK, now sending mail for {', '.join(domains)}",))
+
+
+def atrn_denied(domain: str) -> Reply:
+    """Build the 450 reply to a domain the user may not release."""
+    return Reply(450, "4.7.1", (f"access to domain {domain} denied",))
+
+
+def atrn_busy(domain: str) -> Reply:
+    """Build the 451 reply when a release of the domain is already running."""
+    return Reply(451, "4.3.0", (f"a release of {domain} is already running, try again later",))
+
+
+def atrn_no_mail() -> Reply:
+    """Build the 453 reply: no mail is waiting (RFC 2645 4.3)."""
+    return Reply(453, "4.3.0", ("you have no mail",))

@@ -46,11 +46,17 @@ from collections.abc import Callable
 import attrs
 
 from trimta.smtp import replies, sasl
-from trimta.smtp.address import Address, AddressError, parse_address_literal
+from trimta.smtp.address import (
+    Address,
+    AddressError,
+    normalize_domain,
+    parse_address_literal,
+)
 from trimta.smtp.dotstuff import DotReader, Problem
 from trimta.smtp.errors import LocalProtocolError, RemoteProtocolError
 from trimta.smtp.events import (
     NEED_DATA,
+    Atrn,
     AuthAttempt,
     NeedData,
     ConnectionClosed,
@@ -116,6 +122,7 @@ class ServerSettings:
     auth_mechanisms: tuple[str, ...] = ()
     allow_plaintext_auth: bool = False
     require_auth: bool = False
+    odmr: bool = False
 
 
 class _LineTooLong(enum.Enum):
@@ -314,6 +321,11 @@ class ServerConnection:
             self._reset_transaction()
         if reply.code == 421:
             self._state = State.CLOSED
+        if isinstance(event, Atrn) and reply.code // 100 == 2:
+            # RFC 2645 4.3: after 250 the roles reverse; whatever the client
+            # pipelined behind ATRN is not ours to read.
+            self._input.clear()
+            self._state = State.CLOSED
 
     def tls_started(self) -> None:
         """Record a finished TLS handshake and reset the session (RFC 3207 4.2).
@@ -508,6 +520,8 @@ class ServerConnection:
         ]
         if self.settings.etrn:
             keywords.append("ETRN")
+        if self.settings.odmr:
+            keywords.append("ATRN")
         if self.settings.starttls and not self._secure:
             keywords.append("STARTTLS")
         mechanisms = self._offered_mechanisms()
@@ -525,6 +539,8 @@ class ServerConnection:
         ]
 
     def _do_mail(self, argument: str) -> Event | None:
+        if self.settings.odmr:
+            return self._reject(replies.odmr_no_mail("MAIL"))
         if self._helo_name is None:
             return self._reject(replies.bad_sequence("send EHLO or HELO before MAIL"))
         if self._in_transaction:
@@ -543,6 +559,8 @@ class ServerConnection:
         return self._await(MailFrom(sender, params))
 
     def _do_rcpt(self, argument: str) -> Event | None:
+        if self.settings.odmr:
+            return self._reject(replies.odmr_no_mail("RCPT"))
         if not self._in_transaction:
             return self._reject(replies.bad_sequence("send MAIL FROM before RCPT TO"))
         self._rcpt_seen = True
@@ -555,6 +573,8 @@ class ServerConnection:
         return self._await(RcptTo(recipient, params))
 
     def _do_data(self, argument: str) -> Event | None:
+        if self.settings.odmr:
+            return self._reject(replies.odmr_no_mail("DATA"))
         _check_no_argument("DATA", argument)
         if not self._in_transaction:
             return self._reject(
@@ -692,6 +712,23 @@ class ServerConnection:
             return None
         return self._await(AuthAttempt(step))
 
+    def _do_atrn(self, argument: str) -> Event | None:
+        """Handle ATRN (RFC 2645 4.3) on an ODMR listener."""
+        if not self.settings.odmr:
+            return self._reject(replies.not_implemented("ATRN"))
+        if self._helo_name is None:
+            return self._reject(replies.bad_sequence("send EHLO before ATRN"))
+        if self._auth_user is None:
+            return self._reject(replies.auth_required("ATRN"))
+        domains = []
+        for name in filter(None, (part.strip() for part in argument.split(","))):
+            try:
+                domains.append(normalize_domain(name))
+            except AddressError as error:
+                text = f"ATRN takes domain names separated by commas: {error}"
+                raise RemoteProtocolError(text, replies.parameter_error(text)) from None
+        return self._await(Atrn(tuple(domains)))
+
     def _do_turn(self, argument: str) -> Event | None:
         return self._reject(replies.turn_refused())
 
@@ -811,5 +848,5 @@ _COMMANDS = {
     "BDAT": _not_implemented("BDAT"),
     "STARTTLS": ServerConnection._do_starttls,
     "AUTH": ServerConnection._do_auth,
-    "ATRN": _not_implemented("ATRN"),
+    "ATRN": ServerConnection._do_atrn,
 }
