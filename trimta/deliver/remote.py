@@ -72,6 +72,7 @@ class RemoteDeliverer:
 
     def __init__(self, settings: RemoteSettings) -> None:
         self.settings = settings
+        self._tls_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
 
     def route_for(self, domain: str) -> Route | None:
         """Return the configured route of a domain, the smarthost, or None."""
@@ -156,15 +157,25 @@ class RemoteDeliverer:
         return stream
 
     def _tls_context(self, route: Route | None) -> ssl.SSLContext:
-        if route is None or route.tls in ("opportunistic", "none"):
-            # RFC 7435 opportunistic security: encrypt when offered, but
-            # do not insist on a certificate the next hop cannot prove.
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            return context
-        cafile = str(route.ca_file) if route.ca_file else None
-        return ssl.create_default_context(cafile=cafile)
+        verify = route is not None and route.tls in ("required", "implicit")
+        cafile = str(route.ca_file) if verify and route.ca_file else None
+        key = (verify, cafile)
+        # Building a context reads the CA store (about 50 ms here), so each
+        # kind is built once and shared by every connection.
+        if key not in self._tls_contexts:
+            self._tls_contexts[key] = _build_tls_context(verify, cafile)
+        return self._tls_contexts[key]
+
+
+def _build_tls_context(verify: bool, cafile: str | None) -> ssl.SSLContext:
+    if not verify:
+        # RFC 7435 opportunistic security: encrypt when offered, but do not
+        # insist on a certificate the next hop cannot prove.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=cafile)
 
 
 async def _route_hops(resolver: MxResolver, host: str, port: int) -> list[NextHop]:

@@ -69,7 +69,7 @@ async def deliver_turnaround(
     hop = NextHop(host=f"atrn-customer[{customer}]", address=str(customer or ""), port=0, preference=0)
     session = RemoteSession(stream, hop, ClientConnection(local_hostname=hostname))
     try:
-        await session.start(_KEEP_LAYER, ssl.create_default_context(), 0.0)
+        await session.start(_KEEP_LAYER, ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), 0.0)
     except _HopFailed as exc:
         logger.warning("turnaround failed customer=%s error=%s", customer, exc)
         session.usable = False
