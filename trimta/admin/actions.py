@@ -1,4 +1,4 @@
-"""What the running daemon does for `trimta queue` requests."""
+"""Queue changes the running daemon makes for `trimta queue` requests."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ Handler = Callable[[dict], Awaitable[dict]]
 
 
 class NoDaemonError(Exception):
-    """No daemon answered on the control socket."""
+    """No daemon replied on the control socket."""
 
 
 def socket_path(spool: Path) -> Path:
@@ -39,7 +39,7 @@ def socket_path(spool: Path) -> Path:
 
 
 async def serve_control(spool: Path, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Answer control requests on the spool's socket until cancelled."""
+    """Serve control requests on the spool's socket until cancelled."""
     async with _bound_socket(socket_path(spool)) as listener:
         task_status.started()
         async with trio.open_nursery() as nursery:

@@ -106,7 +106,7 @@ ReleaseFunction = Callable[[str], Awaitable[None]]
 
 
 class EtrnService:
-    """Answers ETRN commands and starts the releases they grant.
+    """Replies to ETRN commands and starts the releases they grant.
 
     Args:
         config: The daemon configuration (held domains, queues, checks).
@@ -135,7 +135,7 @@ class EtrnService:
         self._running: set[str] = set()
 
     async def handle(self, argument: str, client: ipaddress._BaseAddress | None) -> Reply:
-        """Answer one ETRN command from `client`."""
+        """Return the reply to one ETRN command from `client`."""
         try:
             request = parse_request(argument)
         except EtrnSyntaxError as exc:
@@ -168,7 +168,7 @@ class EtrnService:
         return None
 
     async def _client_serves(self, domain: str, client) -> bool:
-        """Whether `client` is one of the domain's MX hosts or A/AAAA addresses."""
+        """Return whether `client` is one of the domain's MX hosts or A/AAAA addresses."""
         if client is None:
             return False
         addresses: set[str] = set()
@@ -196,7 +196,7 @@ class EtrnService:
         return replies.etrn_no_messages(argument)
 
     def is_running(self, domain: str) -> bool:
-        """Whether a release of `domain` is starting or running."""
+        """Return whether a release of `domain` is starting or running."""
         return domain in self._running or self.spool.lock(domain).locked()
 
     def start_release(self, domains: list[str]) -> int:
