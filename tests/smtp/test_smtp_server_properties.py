@@ -38,6 +38,8 @@ COMMANDS = [
     b"VRFY bob",
     b"HELP",
     b"ETRN example.org",
+    b"ATRN",
+    b"ATRN a.example,b.example",
     b"BDAT 5 LAST",
     b"TURN",
     b"QUIT",
@@ -92,6 +94,7 @@ server_settings = st.builds(
     auth_mechanisms=st.sampled_from([(), sasl.MECHANISMS, ("CRAM-MD5",)]),
     allow_plaintext_auth=st.booleans(),
     require_auth=st.booleans(),
+    odmr=st.booleans(),
 )
 CRAM_CHALLENGE = b"<1.0@mx.example.test>"
 
