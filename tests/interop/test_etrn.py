@@ -193,3 +193,83 @@ def test_etrn_dns_check_requires_domain_mail_server(daemon_factory):
         code, _ = etrn(daemon, "held.test")  # from 127.0.0.1, the MX host
         assert code == 253
         sink.wait_for(1)
+
+
+def test_fifty_etrns_start_one_release(daemon_factory):
+    with run_sink(options=["-w", "1"]) as sink:
+        daemon = daemon_factory(**held_config(sink.port, "[etrn]\nmax_requests_per_minute = 100\n"))
+        queue_held(daemon, "held.example", 3)
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+            client.ehlo("client.example.org")
+            codes = [client.docmd("ETRN", "held.example")[0] for _ in range(50)]
+        assert codes[0] == 253
+        assert set(codes[1:]) <= {250, 251}
+        sink.wait_for(3, timeout=60)
+    assert daemon.log().count("release started domain=held.example") == 1
+
+
+def test_restart_during_release_loses_nothing(daemon_factory):
+    with run_sink(options=["-w", "30"]) as stalled:
+        port = stalled.port
+        daemon = daemon_factory(**held_config(port))
+        queue_held(daemon, "held.example", 2)
+        assert etrn(daemon, "held.example")[0] == 253
+        time.sleep(1.0)  # the release waits for the stalled next hop
+        daemon.kill()
+    with run_sink(port=port) as sink:
+        daemon.start()
+        assert len(daemon.spool_parts("held.example")) == 2
+        assert etrn(daemon, "held.example")[0] == 253
+        messages = sink.wait_for(2)
+        time.sleep(0.5)
+        assert len(sink.messages()) == 2
+    assert sorted(m.recipients[0] for m in messages) == ["user0@held.example", "user1@held.example"]
+
+
+def test_held_mail_expires_with_dsn(daemon_factory):
+    with run_sink() as sink:
+        daemon = daemon_factory(**held_config(sink.port, '[hold]\nlifetime = "2s"\n'))
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+            client.sendmail("alice@localhost", ["bob@held.example"], b"Subject: waited\r\n\r\nx\r\n")
+        [dsn] = daemon.wait_for_mailbox("localhost", "alice", timeout=30)
+    assert b"Status: 4.4.7" in dsn
+    assert daemon.spool_parts("held.example") == []
+
+
+def test_fetchmail_etrn_to_mx_from_dnsmasq(daemon_factory, tmp_path):
+    from dnsmasq import run_dnsmasq
+
+    records = [
+        "--mx-host=site.test,mx.site.test,10",
+        "--host-record=mx.site.test,127.0.0.2",
+    ]
+    try:
+        sink_context = run_sink(address="127.0.0.2", port=25)
+        sink = sink_context.__enter__()
+    except (OSError, RuntimeError) as exc:
+        pytest.skip(f"cannot listen on 127.0.0.2:25 here: {exc}")
+    try:
+        with run_dnsmasq(records) as dns_port:
+            daemon = daemon_factory(
+                hold=("site.test",),
+                extra=f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n',
+            )
+            body = b"Subject: for the site\r\n\r\nline one\r\n.dotted line\r\n"
+            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+                for index in range(3):
+                    client.sendmail("alice@example.org", [f"u{index}@site.test"], body)
+            result = subprocess.run(
+                [FETCHMAIL, "-p", "ETRN", "-P", str(daemon.port), "--fetchdomains",
+                 "site.test", "-f", "/dev/null", "127.0.0.1"],
+                capture_output=True, text=True, timeout=60,
+                env=environment_without_proxy() | {"HOME": str(tmp_path)},
+            )
+            assert result.returncode == 0, result.stdout + result.stderr
+            messages = sink.wait_for(3)
+            time.sleep(0.5)
+            messages = sink.messages()
+    finally:
+        sink_context.__exit__(None, None, None)
+    assert sorted(m.recipients[0] for m in messages) == ["u0@site.test", "u1@site.test", "u2@site.test"]
+    for message in messages:
+        assert message.message.replace(b"\r\n", b"\n").endswith(b"line one\n.dotted line\n")

@@ -190,8 +190,14 @@ class QueueManager:
                     if envelope is not None and now >= envelope.arrival + self.hold_lifetime:
                         await self._finish(envelope, self._expire(envelope, {}))
 
-    async def run_hold_expiry(self, interval: float = 3600.0) -> None:
-        """Run `expire_held` every `interval` seconds until cancelled."""
+    async def run_hold_expiry(self, interval: float | None = None) -> None:
+        """Run `expire_held` every `interval` seconds until cancelled.
+
+        The default interval is a tenth of the hold lifetime, between one
+        second and one hour, so held mail bounces soon after it expires.
+        """
+        if interval is None:
+            interval = max(1.0, min(3600.0, self.hold_lifetime / 10))
         while True:
             await self.expire_held()
             await trio.sleep(interval)
