@@ -10,8 +10,11 @@ import subprocess
 import sys
 import time
 
+import ssl
+
 import attrs
 import pytest
+import trustme
 
 from harness import Daemon, daemon_environment, free_port, toml_config
 from sink import run_sink
@@ -44,6 +47,11 @@ def odmr_daemon(tmp_path, daemon_factory):
     for name, (domain, password) in CUSTOMERS.items():
         add_user(credentials, name, domain, password)
     os.chmod(credentials, 0o600)
+    authority = trustme.CA()
+    cert = authority.issue_cert("mx.trimta.test", "127.0.0.1")
+    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    authority.cert_pem.write_to_path(str(folder / "ca.pem"))
     port, odmr_port = free_port(), free_port()
     text = toml_config(
         folder, port, hold=("held.example", "other.example"),
@@ -52,6 +60,8 @@ def odmr_daemon(tmp_path, daemon_factory):
     text += (
         f'\n[[listener]]\naddress = "127.0.0.1:{odmr_port}"\nkind = "odmr"\n'
         "allow_plaintext_auth = true\n"
+        f'tls_cert = "{folder / "cert.pem"}"\ntls_key = "{folder / "key.pem"}"\n'
+        'tls = "starttls"\n'
     )
     (folder / "trimta.toml").write_text(text)
     daemon = OdmrDaemon(folder, port)
@@ -245,3 +255,23 @@ def test_two_customers_release_at_once(odmr_daemon):
         customer.sock.sendall(b"220 customer.example ESMTP\r\n")
         assert customer.line().upper().startswith(b"EHLO")
         customer.close()
+
+
+def test_turnaround_keeps_tls_layer(odmr_daemon):
+    queue_held(odmr_daemon, "held.example", 1)
+    customer = Customer(odmr_daemon.odmr_port)
+    assert b"STARTTLS" in customer.command("EHLO customer.example")
+    assert customer.command("STARTTLS").startswith(b"220")
+    context = ssl.create_default_context(cafile=str(odmr_daemon.folder / "ca.pem"))
+    customer.sock = context.wrap_socket(customer.sock, server_hostname="mx.trimta.test")
+    assert customer.command("EHLO customer.example").startswith(b"250")
+    assert customer.command("AUTH LOGIN").startswith(b"334")
+    assert customer.command(base64.b64encode(b"customer").decode()).startswith(b"334")
+    password = CUSTOMERS["customer"][1].encode()
+    assert customer.command(base64.b64encode(password).decode()).startswith(b"235")
+    assert customer.command("ATRN").startswith(b"250")
+    # The turnaround runs inside the same TLS session.
+    customer.sock.sendall(b"220 customer.example ESMTP\r\n")
+    assert customer.line().upper().startswith(b"EHLO")
+    assert customer.sock.version() is not None
+    customer.close()
