@@ -8,7 +8,11 @@ byte picks the engine settings. Any exception escaping the engine is a
 finding: a peer's bytes may only ever produce replies and events.
 
     pip install atheris
-    python3 scripts/fuzz_smtp.py -max_total_time=600 corpus/
+    python3 scripts/fuzz_smtp.py -dict=scripts/fuzz_smtp.dict \
+        -max_total_time=600 corpus/
+
+An empty corpus folder gets a few valid sessions as seeds, so that the
+fuzzer starts inside the protocol instead of having to find EHLO.
 
 The second target, selected with TRIMTA_FUZZ=dotreader, feeds the DATA
 reader alone and checks that unstuffing never grows the data.
@@ -88,8 +92,29 @@ def fuzz_dot_reader(data: bytes) -> None:
         raise AssertionError("unstuffing produced more octets than it read")
 
 
+SEEDS = [
+    b"\xffEHLO c.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.test>\r\n"
+    b"DATA\r\nSubject: x\r\n\r\nbody\r\n..dot\r\n.\r\nQUIT\r\n",
+    b"\xffEHLO c.example\r\nAUTH PLAIN AGFsaWNlAHB3\r\nATRN a.example\r\nQUIT\r\n",
+    b"\x60EHLO c.example\r\nSTARTTLS\r\nMAIL FROM:<a@example.net>\r\n\xffQUIT\r\n",
+    b"\x20HELO c.example\r\nETRN @example.org\r\nMAIL FROM:<> SIZE=10\r\n"
+    b"RCPT TO:<Postmaster>\r\nDATA\r\n\xffReceived: x\r\n\r\n.\r\n",
+]
+
+
+def write_seeds(argv: list[str]) -> None:
+    """Put the seed sessions into an empty corpus folder given on the command line."""
+    folders = [arg for arg in argv[1:] if not arg.startswith("-")]
+    if not folders or os.listdir(folders[0]):
+        return
+    for index, seed in enumerate(SEEDS):
+        with open(os.path.join(folders[0], f"seed-{index}"), "wb") as handle:
+            handle.write(seed)
+
+
 def main() -> None:
     target = fuzz_dot_reader if os.environ.get("TRIMTA_FUZZ") == "dotreader" else fuzz_engine
+    write_seeds(sys.argv)
     atheris.Setup(sys.argv, target)
     atheris.Fuzz()
 
