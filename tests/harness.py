@@ -183,3 +183,13 @@ def daemon_environment() -> dict[str, str]:
 def environment_without_proxy() -> dict[str, str]:
     """Return the environment for client tools, minus proxy settings."""
     return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+
+def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll `predicate` every 50 ms until it is true, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from harness import wait_until
 from sink import run_sink
 
 
@@ -25,14 +26,6 @@ def send(daemon, sender, recipients, body: bytes, options=()):
         client.ehlo("client.example.org")
         return client.sendmail(sender, recipients, body, list(options))
 
-
-def wait_until(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def parsed(raw: bytes):

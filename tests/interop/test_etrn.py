@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness import environment_without_proxy
+from harness import environment_without_proxy, wait_until
 from sink import run_sink
 
 FETCHMAIL = "/usr/bin/fetchmail"
@@ -40,14 +40,6 @@ def etrn(daemon, argument: str):
         client.ehlo("client.example.org")
         return client.docmd("ETRN", argument)
 
-
-def wait_until(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_held_mail_waits_until_etrn(daemon_factory, tmp_path):

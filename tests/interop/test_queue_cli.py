@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from harness import daemon_environment, free_port
+from harness import daemon_environment, free_port, wait_until
 from sink import run_sink
 
 
@@ -29,14 +29,6 @@ def send(daemon, sender: str, recipient: str, subject: str = "queued") -> str:
     assert code == 250
     return text.decode().rsplit(" ", 1)[-1]
 
-
-def wait_until(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def queue_daemon(daemon_factory, port: int):
