@@ -275,8 +275,11 @@ class LocalDelivery:
         failed = []
         for recipient in envelope.recipients:
             if recipient.state == "pending":
-                await self._deliver_recipient(envelope, recipient, body)
-                await self.spool.save(envelope)
+                # A Maildir copy that is written must also be recorded, or a
+                # stop in between would deliver it again after the restart.
+                with trio.CancelScope(shield=True):
+                    await self._deliver_recipient(envelope, recipient, body)
+                    await self.spool.save(envelope)
                 if recipient.state == "failed":
                     failed.append(_failure_outcome(recipient))
         if failed and self.settings.bounce is not None:

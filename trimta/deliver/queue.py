@@ -302,7 +302,10 @@ class QueueManager:
         except DestinationError as error:
             await self._record(envelope, [error.outcome_for(r.address) for r in pending])
             raise _ConnectionBroken() from error
-        await self._record(envelope, outcomes)
+        # The next hop has the message now: record that even while stopping,
+        # so that a restart does not send it again.
+        with trio.CancelScope(shield=True):
+            await self._record(envelope, outcomes)
         if not getattr(connection, "usable", True):
             raise _ConnectionBroken()
 
