@@ -150,7 +150,7 @@ class Daemon:
 
     def wait_for_mailbox(self, domain: str, mailbox: str, count: int = 1,
                          timeout: float = 10.0) -> list[bytes]:
-        """Wait until a Maildir holds `count` messages and return them."""
+        """Wait until a Maildir contains `count` messages and return them."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             messages = self.mailbox(domain, mailbox)

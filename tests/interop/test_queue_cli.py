@@ -141,7 +141,7 @@ def test_control_commands_need_a_daemon(daemon_factory):
     assert daemon.stop() == 0
     result = queue_cli(daemon, "flush")
     assert result.returncode == 1
-    assert "no trimta daemon answers" in result.stderr
+    assert "no trimta daemon is listening" in result.stderr
     assert queue_cli(daemon, "hold", mid).returncode == 1
     # Reading works without a daemon.
     assert mid in queue_cli(daemon, "list").stdout

@@ -43,7 +43,7 @@ class QueueActions:
     bounce: Callable[[Envelope, list[RecipientOutcome]], Awaitable[None]]
 
     async def handle(self, request: dict) -> dict:
-        """Run one request and return its answer."""
+        """Run one request and return its response."""
         handlers = {
             "flush": self.flush,
             "hold": self.hold,

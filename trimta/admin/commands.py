@@ -177,7 +177,7 @@ def run_show(config: Config, mid: str, body: bool, as_json: bool) -> int:
 
 
 def run_control(config: Config, request: dict, as_json: bool) -> int:
-    """Send a queue change to the running daemon and print its answer."""
+    """Send a queue change to the running daemon and print its response."""
     try:
         answer = send_request(config.spool, request)
     except NoDaemonError as exc:

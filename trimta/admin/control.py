@@ -99,7 +99,7 @@ async def _read_line(stream: trio.SocketStream) -> bytes:
 
 
 def send_request(spool: Path, request: dict, timeout: float = CLIENT_TIMEOUT) -> dict:
-    """Send one request to the daemon of `spool` and return its answer.
+    """Send one request to the daemon of `spool` and return its response.
 
     Raises:
         NoDaemonError: Nothing listens on the control socket.
@@ -111,7 +111,7 @@ def send_request(spool: Path, request: dict, timeout: float = CLIENT_TIMEOUT) ->
             client.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise NoDaemonError(
-                f"no trimta daemon answers on {path}; start `trimta serve` with "
+                f"no trimta daemon is listening on {path}; start `trimta serve` with "
                 "this configuration, or check the spool path"
             ) from exc
         client.sendall(json.dumps(request).encode() + b"\n")

@@ -202,7 +202,7 @@ class Delivery:
         max_concurrency: Delivery tasks running at once, over all domains.
         per_domain_concurrency: Delivery tasks running at once per domain.
         min_backoff: First delay before retrying a deferred message.
-        max_backoff: Longest delay between two retries.
+        max_backoff: Maximum delay between two retries.
         max_queue_lifetime: Age after which a deferred message bounces.
         connect_timeout: Time allowed for each TCP connect (and TLS
             handshake) to a next hop.

@@ -51,7 +51,7 @@ class _HopFailed(Exception):
 
 @attrs.frozen
 class RemoteSettings:
-    """What outbound connections need from the configuration.
+    """Settings of outbound connections, taken from the configuration.
 
     Attributes:
         hostname: trimta's name, sent in EHLO.
@@ -200,7 +200,7 @@ class RemoteSession:
         return self.hop.host
 
     async def start(self, route: Route | None, context: ssl.SSLContext, connect_timeout: float) -> None:
-        """Read the greeting, say EHLO, upgrade to TLS and authenticate as the route asks.
+        """Read the greeting, send EHLO, and start TLS and AUTH as the route requires.
 
         Raises:
             _HopFailed: The next hop refused the session or a step failed.
@@ -240,7 +240,7 @@ class RemoteSession:
         if reply.code != 220:
             if mode == "required":
                 raise _HopFailed(f"STARTTLS {_reply_text(reply)}")
-            logger.info("STARTTLS refused host=%s reply=%s", self.hop.host, _reply_text(reply))
+            logger.info("STARTTLS rejected host=%s reply=%s, continuing without TLS", self.hop.host, _reply_text(reply))
             return
         tls_stream = trio.SSLStream(self.stream, context, server_hostname=self.hop.host)
         try:

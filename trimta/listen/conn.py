@@ -1,6 +1,6 @@
 """One SMTP session: drive the sans-IO server engine over a Trio stream.
 
-The engine parses commands and answers what it can by itself; this module
+The engine parses commands and replies to what it can by itself; this module
 supplies what needs the outside world: the recipient policy, the spool, the
 clock (deadlines) and the socket. The loop asks the engine for its next
 event, sends the queued replies whenever the engine needs more input (so
@@ -83,7 +83,7 @@ class SessionContext:
         command_timeout: Seconds allowed for one whole command line.
         data_timeout: Seconds of DATA allowed beyond what the rate earns.
         min_data_rate: Octets per second that earn one more second of DATA.
-        etrn: Answers ETRN commands, or None where ETRN is not offered.
+        etrn: The ETRN service, or None where ETRN is not offered.
         tls_context: Server TLS context for STARTTLS or implicit TLS.
         implicit_tls: Run the TLS handshake on accept, before the greeting.
         credentials: Users for AUTH, or None where AUTH is not offered.
@@ -386,7 +386,7 @@ class Session:
         try:
             await transaction.writer.write(data)
         except SpoolError as exc:
-            # Keep reading to the final dot; the failure is answered there.
+            # Keep reading to the final dot, where the failure gets its reply.
             logger.error("spool write failed sid=%s: %s", self.sid, exc)
             self._spool_failure = _spool_failure_reply(exc)
             await self._discard_transaction(keep=True)
@@ -527,7 +527,12 @@ class Session:
     def _received_header(self, transaction: _Transaction, mid: str) -> bytes:
         recipients = transaction.addresses()
         smtputf8 = "SMTPUTF8" in transaction.params
-        protocol = "UTF8SMTP" if smtputf8 else ("ESMTP" if self.extended else "SMTP")
+        if smtputf8:
+            protocol = "UTF8SMTP"
+        elif self.extended:
+            protocol = "ESMTP"
+        else:
+            protocol = "SMTP"
         if protocol != "SMTP":
             # RFC 3848 and RFC 6531 7: "S" for TLS, "A" for AUTH.
             protocol += "S" if self.engine.secure else ""

@@ -211,8 +211,8 @@ class EtrnService:
                 continue
             parts = len(self.spool.list_parts(domain))
             if parts:
-                # Marked before the task starts, so a second request at once
-                # sees the release as running and starts no other.
+                # Marked before the task starts, so that a second request right
+                # after this one finds the release running and starts no other.
                 self._running.add(domain)
                 self.nursery.start_soon(self._release, domain)
                 count += parts

@@ -31,10 +31,10 @@ logger = logging.getLogger("trimta.ondemand")
 
 @attrs.define
 class Grant:
-    """The answer to one ATRN, and the locks held for a granted release.
+    """The reply to one ATRN, and the locks held for a granted release.
 
     Attributes:
-        reply: What to answer the ATRN with.
+        reply: The reply to send to the ATRN.
         domains: Domains to release; empty unless the reply is 250.
         locks: Spool locks taken for those domains; `release` frees them.
     """
