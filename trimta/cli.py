@@ -7,12 +7,12 @@ Each failure prints one line per problem on stderr, without a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from trimta import __version__
 from trimta.config.load import ConfigError, default_text, load_default, load_file
+from trimta.logformat import configure_logging
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -141,11 +141,7 @@ def _run_check_config(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level)
     try:
         config = _load(args.config)
     except ConfigError as error:

@@ -13,6 +13,7 @@ import time
 import trio
 import trio.lowlevel
 
+from harness import daemon_environment
 from trimta.spool.names import new_mid
 from trimta.spool.store import Spool, open_spool
 
@@ -135,6 +136,7 @@ def run_child_until_killed(script, root, first, delay):
     child = subprocess.Popen(
         [sys.executable, str(script), str(root), str(first)],
         stdout=subprocess.PIPE,
+        env=daemon_environment(),
     )
     ready = child.stdout.readline()
     time.sleep(delay)

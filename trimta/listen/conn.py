@@ -11,7 +11,13 @@ Deadlines: a command line must arrive whole within `command_timeout` of
 the previous reply, so a client dribbling one byte now and then is closed
 even though it is never silent. During DATA the message must end within
 `data_timeout` plus one second per `min_data_rate` octets received, and no
-read may wait longer than `data_timeout`.
+read may wait longer than `data_timeout`. Sending a reply has the
+command deadline too, so a client that stops reading is closed.
+
+Each session records the deadline of its current wait for the client;
+`SmtpServer` sweeps every open session twice a second and cancels the
+ones past their deadline. A sweep is far cheaper than a cancel scope per
+read, and the accept rate pays for every read.
 
 TLS: for STARTTLS the engine answers 220 and returns StartTls; this
 module sends the 220, wraps the socket in a server-side `trio.SSLStream`
@@ -70,6 +76,8 @@ from trimta.spool.store import MessageWriter, Spool, SpoolError
 logger = logging.getLogger("trimta.listen")
 
 RECEIVE_SIZE = 65536
+# Seconds allowed to send the 421 after a deadline or a stop.
+CLOSING_REPLY_GRACE = 5.0
 
 
 @attrs.define
@@ -92,8 +100,8 @@ class SessionContext:
         submission: Add Message-ID and Date to messages that lack them
             (RFC 6409 8.2, 8.3).
         stopping: Set when the daemon stops; idle sessions then close.
-        idle_scopes: Cancel scopes of sessions waiting for a new
-            transaction, which stopping may interrupt at once.
+        sessions: Every open session of every listener, for the deadline
+            sweep and for stopping.
     """
 
     settings: ServerSettings
@@ -110,13 +118,19 @@ class SessionContext:
     submission: bool = False
     atrn: AtrnService | None = None
     stopping: trio.Event = attrs.Factory(trio.Event)
-    idle_scopes: set[trio.CancelScope] = attrs.Factory(set)
+    sessions: set[Session] = attrs.Factory(set)
 
     def stop_idle_sessions(self) -> None:
         """Mark the daemon as stopping and interrupt every idle session."""
         self.stopping.set()
-        for scope in list(self.idle_scopes):
-            scope.cancel()
+        for session in list(self.sessions):
+            session.interrupt_if_idle()
+
+    def interrupt_overdue_sessions(self) -> None:
+        """Interrupt every session whose client missed its deadline."""
+        now = trio.current_time()
+        for session in list(self.sessions):
+            session.interrupt_if_overdue(now)
 
 
 @attrs.define
@@ -176,6 +190,11 @@ class Session:
         self.extended = False
         self.transaction: _Transaction | None = None
         self._deadline = math.inf
+        # The deadline of the current wait for the client (inf when not
+        # waiting), and whether the session waits between transactions.
+        self._waiting_until = math.inf
+        self._idle = False
+        self._interrupt = trio.CancelScope()
         self._data_started = 0.0
         self._data_octets = 0
         self._spool_failure = replies.spool_unavailable()
@@ -203,17 +222,38 @@ class Session:
                 for a session over a limit.
         """
         self._restart_command_deadline()
-        if self.context.implicit_tls and not await self._start_tls():
-            return
-        if refusal is None:
-            self.engine.send_greeting()
-        else:
-            self.engine.refuse_session(refusal)
+        self.context.sessions.add(self)
         try:
-            await self._serve()
+            with self._interrupt:
+                if self.context.implicit_tls and not await self._start_tls():
+                    return
+                if refusal is None:
+                    self.engine.send_greeting()
+                else:
+                    self.engine.refuse_session(refusal)
+                await self._serve()
+            if self._interrupt.cancelled_caught:
+                await self._close_interrupted()
         finally:
+            self.context.sessions.discard(self)
             await self._discard_transaction()
             await self._close_tls()
+
+    def interrupt_if_idle(self) -> None:
+        """Cancel the session's wait if it waits between transactions."""
+        if self._idle:
+            self._interrupt.cancel()
+
+    def interrupt_if_overdue(self, now: float) -> None:
+        """Cancel the session's wait if its client missed the deadline."""
+        if now >= self._waiting_until:
+            self._interrupt.cancel()
+
+    async def _close_interrupted(self) -> None:
+        """Send 421 after a deadline or a stop, within a short grace."""
+        self._close_on_interrupt()
+        with trio.move_on_after(CLOSING_REPLY_GRACE):
+            await self._flush()
 
     async def _start_tls(self) -> bool:
         """Run the server side of the TLS handshake; log and return False on failure."""
@@ -278,11 +318,14 @@ class Session:
         data = self.engine.data_to_send()
         if not data:
             return True
+        self._waiting_until = self._deadline
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             logger.info("connection lost sid=%s while sending a reply", self.sid)
             return False
+        finally:
+            self._waiting_until = math.inf
         return True
 
     async def _receive(self) -> None:
@@ -291,18 +334,19 @@ class Session:
         if idle and self.context.stopping.is_set():
             self.engine.close(replies.shutting_down(self.context.settings.hostname))
             return
-        with trio.CancelScope(deadline=self._current_deadline()) as scope:
-            if idle:
-                self.context.idle_scopes.add(scope)
-            try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            finally:
-                self.context.idle_scopes.discard(scope)
-        if scope.cancelled_caught:
-            self._close_on_interrupt()
-            return
+        self._waiting_until = self._current_deadline()
+        self._idle = idle
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        finally:
+            self._waiting_until = math.inf
+            self._idle = False
+        if self._interrupt.cancel_called:
+            # Interrupted just as input arrived: the interrupt wins, here
+            # rather than at some later await such as a commit.
+            await trio.lowlevel.checkpoint()
         if self.engine.state is State.DATA:
             self._data_octets += len(data)
         self.engine.receive_data(data)

@@ -8,7 +8,9 @@ reduced to characters that cannot end the header or start a new one.
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
+import time
 from datetime import datetime, timezone
 
 # Characters kept from a client-supplied HELO name; any other becomes "?".
@@ -20,6 +22,12 @@ def clean_helo(name: str) -> str:
     """Reduce a HELO argument to a safe, bounded token for a header."""
     cleaned = _UNSAFE_HELO.sub("?", name[:_MAX_HELO])
     return cleaned or "unknown"
+
+
+@functools.lru_cache(maxsize=4)
+def _stamp_for_second(second: int) -> str:
+    """Format an RFC 5322 date once per second rather than once per message."""
+    return email.utils.format_datetime(datetime.fromtimestamp(second, timezone.utc))
 
 
 def format_received(
@@ -45,7 +53,10 @@ def format_received(
             list of recipients would leak each one to the others).
         now: Time of receipt; the current time when None.
     """
-    stamp = email.utils.format_datetime(now or datetime.now(timezone.utc))
+    if now is None:
+        stamp = _stamp_for_second(int(time.time()))
+    else:
+        stamp = email.utils.format_datetime(now)
     address = _UNSAFE_HELO.sub("?", client_address)
     lines = [
         f"Received: from {clean_helo(helo)} ([{address}])",

@@ -28,6 +28,9 @@ logger = logging.getLogger("trimta.listen")
 
 # accept() errors that mean "out of resources for now": log, pause, retry.
 _ACCEPT_OVERLOAD = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# Seconds between two sweeps for sessions past their deadline: a timeout
+# fires up to this much late.
+SWEEP_INTERVAL = 0.5
 
 
 @attrs.define(eq=False)
@@ -115,19 +118,30 @@ class SmtpServer:
         sessions in a transaction get `grace` seconds to finish before
         they are cancelled. Returns when every session has ended.
         """
-        async with trio.open_nursery() as sessions:
-            async with trio.open_nursery() as accepting:
-                for listener, context in listeners:
-                    accepting.start_soon(self._accept_loop, listener, context, sessions)
-                task_status.started()
-                await stop.wait()
-                accepting.cancel_scope.cancel()
-            await self._close_listeners([listener for listener, _ in listeners])
-            logger.info(
-                "listeners closed; sessions=%d grace=%gs", self.limits.total, grace
-            )
-            self.context.stop_idle_sessions()
-            sessions.cancel_scope.deadline = trio.current_time() + grace
+        async with trio.open_nursery() as watching:
+            watching.start_soon(self._sweep_deadlines)
+            async with trio.open_nursery() as sessions:
+                async with trio.open_nursery() as accepting:
+                    for listener, context in listeners:
+                        accepting.start_soon(
+                            self._accept_loop, listener, context, sessions
+                        )
+                    task_status.started()
+                    await stop.wait()
+                    accepting.cancel_scope.cancel()
+                await self._close_listeners([listener for listener, _ in listeners])
+                logger.info(
+                    "listeners closed; sessions=%d grace=%gs", self.limits.total, grace
+                )
+                self.context.stop_idle_sessions()
+                sessions.cancel_scope.deadline = trio.current_time() + grace
+            watching.cancel_scope.cancel()
+
+    async def _sweep_deadlines(self) -> None:
+        """Close sessions whose clients missed a deadline, as long as any run."""
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            self.context.interrupt_overdue_sessions()
 
     async def _close_listeners(self, listeners: list[trio.SocketListener]) -> None:
         with trio.CancelScope(shield=True):

@@ -13,6 +13,7 @@ such as 354 carry none either.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import attrs
@@ -75,17 +76,23 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """Serialise the reply with CRLF after each line."""
-        prefix = f"{self.status} " if self.status else ""
-        out = []
-        last = len(self.lines) - 1
-        for index, line in enumerate(self.lines):
-            separator = " " if index == last else "-"
-            text = f"{self.code}{separator}{prefix}{line}"
-            # RFC 4954 4: a 334 keeps its space even before an empty challenge.
-            if self.code != 334:
-                text = text.rstrip(" ")
-            out.append(text + "\r\n")
-        return "".join(out).encode("ascii")
+        return _wire_form(self)
+
+
+# Most replies are constants sent again and again; serialise each once.
+@functools.lru_cache(maxsize=1024)
+def _wire_form(reply: Reply) -> bytes:
+    prefix = f"{reply.status} " if reply.status else ""
+    out = []
+    last = len(reply.lines) - 1
+    for index, line in enumerate(reply.lines):
+        separator = " " if index == last else "-"
+        text = f"{reply.code}{separator}{prefix}{line}"
+        # RFC 4954 4: a 334 keeps its space even before an empty challenge.
+        if reply.code != 334:
+            text = text.rstrip(" ")
+        out.append(text + "\r\n")
+    return "".join(out).encode("ascii")
 
 
 def parse_reply_line(line: bytes) -> tuple[int, bool, str | None, str]:
@@ -182,17 +189,21 @@ def ok(text: str = "OK") -> Reply:
     return Reply(250, "2.0.0", (text,))
 
 
+_SENDER_OK = Reply(250, "2.1.0", ("sender OK",))
+_RECIPIENT_OK = Reply(250, "2.1.5", ("recipient OK",))
+
+
 def sender_ok(address: str | None = None) -> Reply:
     """Build the 250 2.1.0 reply accepting MAIL FROM."""
     if address is None:
-        return Reply(250, "2.1.0", ("sender OK",))
+        return _SENDER_OK
     return Reply(250, "2.1.0", (f"sender <{address}> OK",))
 
 
 def recipient_ok(address: str | None = None) -> Reply:
     """Build the 250 2.1.5 reply accepting RCPT TO."""
     if address is None:
-        return Reply(250, "2.1.5", ("recipient OK",))
+        return _RECIPIENT_OK
     return Reply(250, "2.1.5", (f"recipient <{address}> OK",))
 
 

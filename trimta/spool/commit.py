@@ -367,14 +367,15 @@ class CommitJob(Job):
 
     def _place(self, placement: Placement, sync: SyncFunctions) -> set[str]:
         touched = {placement.directory}
-        try:
-            os.mkdir(placement.directory, 0o700)
-            touched.add(self.domains_dir)
-        except FileExistsError:
-            pass
         stem = os.path.join(placement.directory, placement.part.mid)
-        # One inode shared by all parts: the body is stored once.
-        os.link(self.body.path, stem + ".eml")
+        # One inode shared by all parts: the body is stored once. The
+        # domain directory usually exists, so it is made only when missing.
+        try:
+            os.link(self.body.path, stem + ".eml")
+        except FileNotFoundError:
+            if self._make_directory(placement.directory):
+                touched.add(self.domains_dir)
+            os.link(self.body.path, stem + ".eml")
         self._created.append(stem + ".eml")
         temporary = temporary_envelope_path(placement.directory, placement.part.mid)
         self._created.append(temporary)
@@ -382,6 +383,15 @@ class CommitJob(Job):
         os.replace(temporary, stem + ".env")
         self._created.append(stem + ".env")
         return touched
+
+    @staticmethod
+    def _make_directory(path: str) -> bool:
+        """Create a domain directory; return False if it already existed."""
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return False
+        return True
 
     def rollback(self) -> None:
         # Reversed, so each .env goes before its .eml, as in a normal remove.
