@@ -8,10 +8,11 @@ import smtplib
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from harness import daemon_environment, environment_without_proxy
+from harness import daemon_environment, environment_without_proxy, wait_until
 
 SWAKS = "/usr/bin/swaks"
 
@@ -262,6 +263,28 @@ def test_slow_client_closed_by_command_deadline(daemon_factory):
             if received:
                 break
     assert received.startswith(b"421 4.4.2")
+
+
+def test_client_that_never_reads_is_closed(daemon_factory):
+    daemon = daemon_factory(extra='[limits]\ncommand_timeout = "2s"\n')
+    sock = socket.socket()
+    # A small receive window makes the daemon's replies back up quickly.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", daemon.port))
+    sock.setblocking(False)
+    noops = b"NOOP\r\n" * 1000
+    closed = False
+    deadline = time.monotonic() + 30
+    with sock:
+        while not closed and time.monotonic() < deadline:
+            try:
+                sock.send(noops)
+            except BlockingIOError:
+                time.sleep(0.05)
+            except OSError:
+                closed = True
+    assert closed, "the session stayed open although the client never read"
+    wait_until(lambda: "timeout sid=" in daemon.log(), what="the timeout log line")
 
 
 def test_sigterm_gives_open_transaction_grace(daemon_factory):
