@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the embedded default configuration as TOML",
     )
+    check.add_argument(
+        "--no-files",
+        action="store_true",
+        help="check only keys and values, not the spool folder, certificates, "
+        "CA files and credentials file that they name",
+    )
     _add_queue_parser(commands)
     _add_passwd_parser(commands)
     return parser
@@ -133,9 +139,19 @@ def _run_check_config(args: argparse.Namespace) -> int:
         print("trimta: check-config needs a FILE or --defaults", file=sys.stderr)
         return EXIT_USAGE
     try:
-        load_file(args.file)
+        config = load_file(args.file)
     except ConfigError as error:
         return _report_config_error(error)
+    if not args.no_files:
+        # Imported here so that the other commands do not pay for trio's
+        # import, which the daemon module pulls in.
+        from trimta.daemon import check_files
+
+        problems = check_files(config)
+        for problem in problems:
+            print(f"trimta: {problem}", file=sys.stderr)
+        if problems:
+            return EXIT_FAILURE
     print(f"config {args.file}: valid")
     return EXIT_OK
 
@@ -147,7 +163,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         return _report_config_error(error)
 
-    # Imported here so that check-config does not pay for trio's import.
+    # Imported here so that the other commands do not pay for trio's import.
     from trimta.daemon import StartupError, run
 
     try:

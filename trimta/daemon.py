@@ -10,9 +10,12 @@ cancels everything at once.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import ssl
+from pathlib import Path
 
 import attrs
 import dns.resolver
@@ -21,12 +24,17 @@ import trio
 from trimta.admin.actions import QueueActions
 from trimta.admin.control import serve_control
 from trimta.auth.credentials import CredentialsError, CredentialStore, load_credentials
-from trimta.config.model import Config, Listener
+from trimta.config.model import Config, Delivery, Listener
 from trimta.deliver.local import LocalDeliverySettings, run_local_delivery
 from trimta.deliver.mx import MxResolver
 from trimta.deliver.notify import Bouncer
 from trimta.deliver.queue import QueueManager
-from trimta.deliver.remote import RemoteDeliverer, RemoteSettings
+from trimta.deliver.remote import (
+    CaFileError,
+    RemoteDeliverer,
+    RemoteSettings,
+    load_ca_file,
+)
 from trimta.deliver.schedule import RetryPolicy
 from trimta.listen.conn import SessionContext
 from trimta.listen.policy import RecipientPolicy
@@ -36,9 +44,10 @@ from trimta.listen.serve import ListenError, SessionLimits, SmtpServer, open_lis
 from trimta.listen.tls import TlsSetupError, build_server_context
 from trimta.smtp import sasl
 from trimta.smtp.address import AddressError, parse_mailbox
+from trimta.smtp.client import ClientTimeouts
 from trimta.smtp.server import ServerSettings
 from trimta.spool.envelope import PartRef
-from trimta.spool.store import Spool
+from trimta.spool.store import Spool, SpoolError
 
 logger = logging.getLogger("trimta")
 
@@ -131,7 +140,7 @@ def load_listener_security(config: Config) -> ListenerSecurity:
                 listener.tls_cert, listener.tls_key
             )
         except TlsSetupError as exc:
-            raise StartupError(f"listener[{index}]: {exc}") from exc
+            raise StartupError(f"listener[{index}].{exc}") from exc
     credentials = None
     if config.auth.credentials is not None:
         try:
@@ -139,6 +148,79 @@ def load_listener_security(config: Config) -> ListenerSecurity:
         except CredentialsError as exc:
             raise StartupError(f"{exc} (key: auth.credentials)") from exc
     return ListenerSecurity(contexts, credentials)
+
+
+def check_route_ca_files(config: Config) -> None:
+    """Load every route's ca_file once, so a bad one stops the start.
+
+    A route whose tls mode never verifies ignores its ca_file, but a bad
+    path there is still a mistake in the configuration, so it is checked
+    too.
+
+    Raises:
+        StartupError: a ca_file is missing, unreadable or not PEM.
+    """
+    for key, route in config.routes.items():
+        if route.ca_file is None:
+            continue
+        try:
+            load_ca_file(route.ca_file)
+        except CaFileError as exc:
+            raise StartupError(
+                f"routes.{json.dumps(key)}.ca_file = {_quote(route.ca_file)}: "
+                f"{exc.reason}; point ca_file at a PEM file of trusted CA "
+                'certificates, or write "" for the system\'s CA store'
+            ) from exc
+
+
+def check_spool_folder(config: Config) -> None:
+    """Check, without changing anything, that the spool is or can become a folder.
+
+    Raises:
+        StartupError: the path (or a parent) is a file, or the folder
+            that would hold the spool cannot be written.
+    """
+    spool = Path(os.path.abspath(config.spool))
+    existing = next(path for path in (spool, *spool.parents) if path.exists())
+    if not existing.is_dir():
+        raise StartupError(
+            f"spool = {_quote(config.spool)}: {existing} is a file, not a "
+            "folder; point spool at a folder (trimta creates it when missing)"
+        )
+    if os.access(existing, os.W_OK | os.X_OK):
+        return
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        reason = "the file system is read-only"
+        fix = "remount it read-write or point spool at a writable folder"
+    else:
+        reason = "permission denied for trimta's user"
+        fix = "give that user write access or point spool at another folder"
+    raise StartupError(
+        f"spool = {_quote(config.spool)}: cannot write in {existing}: {reason}; {fix}"
+    )
+
+
+def check_files(config: Config) -> list[StartupError]:
+    """Check, without changing anything, the files and folders needed at start.
+
+    `trimta check-config` runs this. `trimta serve` runs the same checks
+    as it starts, and also writes a probe file into the spool.
+
+    Returns:
+        One error per failed check: the spool, the listeners' certificates
+        and the credentials file, and the routes' CA files.
+    """
+    problems = []
+    for check in (check_spool_folder, load_listener_security, check_route_ca_files):
+        try:
+            check(config)
+        except StartupError as exc:
+            problems.append(exc)
+    return problems
+
+
+def _quote(path: Path) -> str:
+    return json.dumps(str(path))
 
 
 async def serve_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> bool:
@@ -151,8 +233,9 @@ async def serve_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) 
     """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         security = load_listener_security(config)
+        check_route_ca_files(config)
         spool = await _open_spool(config)
-        recovered = await spool.open()
+        recovered = await _recover_spool(spool, config)
         resolver = build_resolver(config)
         listeners = await _open_all_listeners(config)
         stop = _StopState()
@@ -298,16 +381,28 @@ async def _cancel_on_second_signal(signals, work: trio.Nursery, stop: _StopState
 
 
 async def _open_spool(config: Config) -> Spool:
+    check_spool_folder(config)
     spool = Spool(config.spool)
     try:
         await trio.to_thread.run_sync(_probe_spool, spool)
     except OSError as exc:
         raise StartupError(
-            f"cannot use spool folder {str(config.spool)!r}: {exc.strerror or exc}; "
-            "check that it exists or can be created and that trimta's user "
-            "can read and write it (key: spool)"
+            f"spool = {_quote(config.spool)}: cannot create or write the "
+            f"folder: {exc.strerror or exc}; check that trimta's user can "
+            "create, read and write it"
         ) from exc
     return spool
+
+
+async def _recover_spool(spool: Spool, config: Config) -> list[PartRef]:
+    try:
+        return await spool.open()
+    except (OSError, SpoolError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise StartupError(
+            f"spool = {_quote(config.spool)}: recovery failed: {reason or exc}; "
+            "check that trimta's user can read and write every file in it"
+        ) from exc
 
 
 def _probe_spool(spool: Spool) -> None:
@@ -385,6 +480,7 @@ def _build_queue_manager(
             routes=dict(config.routes),
             resolver=resolver,
             connect_timeout=delivery.connect_timeout.seconds,
+            timeouts=client_timeouts(delivery),
         )
     )
     retry = RetryPolicy(
@@ -401,6 +497,19 @@ def _build_queue_manager(
         per_domain_concurrency=delivery.per_domain_concurrency,
         held_domains=frozenset(config.domains.hold),
         hold_lifetime=config.hold.lifetime.seconds,
+    )
+
+
+def client_timeouts(delivery: Delivery) -> ClientTimeouts:
+    """Build the SMTP client's reply timeouts from the [delivery] table."""
+    return ClientTimeouts(
+        greeting=delivery.greeting_timeout.seconds,
+        mail=delivery.mail_timeout.seconds,
+        rcpt=delivery.rcpt_timeout.seconds,
+        data_init=delivery.data_init_timeout.seconds,
+        data_block=delivery.data_block_timeout.seconds,
+        data_end=delivery.data_end_timeout.seconds,
+        command=delivery.command_timeout.seconds,
     )
 
 

@@ -189,8 +189,23 @@ def _check_routes(config: Config) -> Iterator[Finding]:
             )
 
 
+# Durations that must be above 0 (a zero wait would fail every time).
+_POSITIVE_DURATIONS = (
+    "limits.command_timeout",
+    "limits.data_timeout",
+    "delivery.connect_timeout",
+    "delivery.greeting_timeout",
+    "delivery.mail_timeout",
+    "delivery.rcpt_timeout",
+    "delivery.data_init_timeout",
+    "delivery.data_block_timeout",
+    "delivery.data_end_timeout",
+    "delivery.command_timeout",
+)
+
+
 def _check_durations(config: Config) -> Iterator[Finding]:
-    for path in ("limits.command_timeout", "limits.data_timeout", "delivery.connect_timeout"):
+    for path in _POSITIVE_DURATIONS:
         value = _get(config, path)
         if value.seconds <= 0:
             yield path, str(value), "must be above 0, e.g. \"5m\""

@@ -206,6 +206,19 @@ class Delivery:
         max_queue_lifetime: Age after which a deferred message bounces.
         connect_timeout: Time allowed for each TCP connect (and TLS
             handshake) to a next hop.
+        greeting_timeout: Wait for the next hop's 220 greeting.
+        mail_timeout: Wait for the reply to MAIL.
+        rcpt_timeout: Wait for the reply to each RCPT.
+        data_init_timeout: Wait for the 354 reply to DATA.
+        data_block_timeout: Time allowed for each send of message data.
+        data_end_timeout: Wait for the reply after the final dot.
+        command_timeout: Wait for the reply to every other command (EHLO,
+            HELO, STARTTLS, AUTH, RSET, NOOP, QUIT).
+
+    The seven reply timeouts default to the minimums of RFC 5321 4.5.3.2.
+    That section sets none for the commands of `command_timeout`, so they
+    get the 5 minutes of MAIL and RCPT. The ATRN turnaround uses these
+    timeouts too.
     """
 
     max_concurrency: int = 20
@@ -214,6 +227,13 @@ class Delivery:
     max_backoff: Duration = Duration(4000)
     max_queue_lifetime: Duration = Duration(5 * 86400)
     connect_timeout: Duration = Duration(30)
+    greeting_timeout: Duration = Duration(5 * 60)
+    mail_timeout: Duration = Duration(5 * 60)
+    rcpt_timeout: Duration = Duration(5 * 60)
+    data_init_timeout: Duration = Duration(2 * 60)
+    data_block_timeout: Duration = Duration(3 * 60)
+    data_end_timeout: Duration = Duration(10 * 60)
+    command_timeout: Duration = Duration(5 * 60)
 
 
 @attrs.frozen

@@ -5,9 +5,10 @@ wins, else MX lookup), connects to each in turn until one greets with 220,
 says EHLO (HELO when EHLO is refused), upgrades with STARTTLS as the route
 asks, authenticates when the route has credentials, and yields a
 `RemoteSession` that carries one message after another over that
-connection. Every wait has the RFC 5321 4.5.3.2 client timeout of the
-reply it waits for, so a next hop that never answers cannot hold a
-worker forever.
+connection. Every wait has the client timeout of the reply it waits for
+(`RemoteSettings.timeouts`, by default the RFC 5321 4.5.3.2 minimums),
+so a next hop that never replies cannot hold a worker forever. The
+transaction then ends with 451 4.4.2, and its recipients are deferred.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from trimta.deliver.mx import MxResolver, NextHop, PermanentFailure, TemporaryFa
 from trimta.deliver.outcome import DestinationError, RecipientOutcome, Verdict
 from trimta.smtp.client import (
     NEED_DATA,
+    RFC_TIMEOUTS,
     ClientConnection,
     ClientState,
+    ClientTimeouts,
     SendBody,
     Transaction,
     TransactionResult,
@@ -59,12 +62,15 @@ class RemoteSettings:
         resolver: MX and address lookups.
         connect_timeout: Seconds allowed for each TCP connect and TLS
             handshake.
+        timeouts: Seconds allowed for each reply and each send of message
+            data.
     """
 
     hostname: str
     routes: dict[str, Route]
     resolver: MxResolver
     connect_timeout: float = 30.0
+    timeouts: ClientTimeouts = RFC_TIMEOUTS
 
 
 class RemoteDeliverer:
@@ -129,26 +135,28 @@ class RemoteDeliverer:
 
     async def _open(self, hop: NextHop, route: Route | None) -> RemoteSession:
         tls = route.tls if route is not None else "opportunistic"
-        stream = await self._connect_stream(hop, route, implicit=tls == "implicit")
-        session = RemoteSession(stream, hop, ClientConnection(local_hostname=self.settings.hostname))
+        context = self._tls_context(route)
+        stream = await self._connect_stream(hop, context, implicit=tls == "implicit")
+        client = ClientConnection(
+            local_hostname=self.settings.hostname, timeouts=self.settings.timeouts
+        )
+        session = RemoteSession(stream, hop, client)
         try:
-            await session.start(route, self._tls_context(route), self.settings.connect_timeout)
+            await session.start(route, context, self.settings.connect_timeout)
         except BaseException:
             await session.close(quit=False)
             raise
         return session
 
     async def _connect_stream(
-        self, hop: NextHop, route: Route | None, *, implicit: bool
+        self, hop: NextHop, context: ssl.SSLContext, *, implicit: bool
     ) -> trio.abc.Stream:
         timeout = self.settings.connect_timeout
         try:
             with trio.fail_after(timeout):
                 stream: trio.abc.Stream = await trio.open_tcp_stream(hop.address, hop.port)
                 if implicit:
-                    stream = trio.SSLStream(
-                        stream, self._tls_context(route), server_hostname=hop.host
-                    )
+                    stream = trio.SSLStream(stream, context, server_hostname=hop.host)
                     await stream.do_handshake()
         except trio.TooSlowError:
             raise _HopFailed(f"connect timed out after {timeout:g}s") from None
@@ -163,19 +171,60 @@ class RemoteDeliverer:
         # Building a context reads the CA store (about 50 ms here), so each
         # kind is built once and shared by every connection.
         if key not in self._tls_contexts:
-            self._tls_contexts[key] = _build_tls_context(verify, cafile)
+            try:
+                self._tls_contexts[key] = _build_tls_context(verify, cafile)
+            except CaFileError as exc:
+                # Defer rather than end the worker. The daemon checks every
+                # ca_file at start, so here the file has changed since.
+                raise _HopFailed(str(exc)) from exc
         return self._tls_contexts[key]
 
 
+@attrs.define(eq=False)
+class CaFileError(Exception):
+    """A route's ca_file that cannot be loaded as PEM CA certificates.
+
+    Attributes:
+        path: The file.
+        reason: What is wrong with it.
+    """
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"cannot load ca_file {self.path}: {self.reason}"
+
+
+def load_ca_file(path: Path) -> ssl.SSLContext:
+    """Build a verifying client TLS context that trusts the CAs in `path`.
+
+    Raises:
+        CaFileError: The file is missing, unreadable or contains no PEM
+            certificate.
+    """
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        # OpenSSL raises this for a file without any PEM certificate.
+        reason = f"no PEM certificate found ({exc.reason or exc})"
+        raise CaFileError(path, reason) from exc
+    except OSError as exc:
+        reason = f"cannot read the file: {exc.strerror or exc}"
+        raise CaFileError(path, reason) from exc
+
+
 def _build_tls_context(verify: bool, cafile: str | None) -> ssl.SSLContext:
-    if not verify:
-        # RFC 7435 opportunistic security: encrypt when offered, but do not
-        # insist on a certificate the next hop cannot prove.
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    return ssl.create_default_context(cafile=cafile)
+    if verify:
+        if cafile is None:
+            return ssl.create_default_context()
+        return load_ca_file(Path(cafile))
+    # RFC 7435 opportunistic security: encrypt when offered, but do not
+    # insist on a certificate the next hop cannot prove.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 async def _route_hops(resolver: MxResolver, host: str, port: int) -> list[NextHop]:
@@ -284,7 +333,13 @@ class RemoteSession:
         try:
             result = await self._run(transaction, body_path)
         except _SessionBroken as broken:
+            logger.warning(
+                "session broken mid=%s domain=%s host=%s address=%s port=%d error=%s",
+                envelope.id, envelope.domain, self.hop.host, self.hop.address,
+                self.hop.port, broken,
+            )
             self.usable = False
+            # RFC 5321 3.8: a lost connection counts as a 451 reply.
             result = transaction.abort(Reply(451, "4.4.2", (str(broken),)))
         if self.client.state is ClientState.CLOSED:
             self.usable = False

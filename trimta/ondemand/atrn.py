@@ -11,6 +11,9 @@ recipient is bounced.
 
 The caller holds the spool lock of every granted domain for the whole
 turnaround, so ETRN and ATRN never release one domain twice at a time.
+Each reply is awaited with the outbound client timeouts of `[delivery]`,
+so a customer that stops replying ends the turnaround instead of
+holding those locks.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from trimta.config.model import Route
 from trimta.deliver.mx import NextHop
 from trimta.deliver.outcome import DestinationError
 from trimta.deliver.queue import QueueManager
-from trimta.deliver.remote import RemoteSession, _HopFailed
-from trimta.smtp.client import ClientConnection
+from trimta.deliver.remote import RemoteDeliverer, RemoteSession, _HopFailed
+from trimta.smtp.client import RFC_TIMEOUTS, ClientConnection, ClientTimeouts
 
 logger = logging.getLogger("trimta.ondemand")
 
@@ -56,6 +59,7 @@ async def deliver_turnaround(
     customer: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
     domains: list[str],
     queue: QueueManager,
+    timeouts: ClientTimeouts | None = None,
 ) -> None:
     """Act as the SMTP client over `stream` and deliver the domains' held parts.
 
@@ -65,9 +69,15 @@ async def deliver_turnaround(
         customer: The customer's address, for logs.
         domains: The granted domains; their spool locks are held.
         queue: Records outcomes, bounces and removes delivered parts.
+        timeouts: The wait for each of the customer's replies; None takes
+            those of the queue's remote deliverer, which come from
+            `[delivery]`.
     """
     hop = NextHop(host=f"atrn-customer[{customer}]", address=str(customer or ""), port=0, preference=0)
-    session = RemoteSession(stream, hop, ClientConnection(local_hostname=hostname))
+    if timeouts is None:
+        timeouts = _delivery_timeouts(queue)
+    client = ClientConnection(local_hostname=hostname, timeouts=timeouts)
+    session = RemoteSession(stream, hop, client)
     try:
         await session.start(_KEEP_LAYER, ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), 0.0)
     except _HopFailed as exc:
@@ -80,3 +90,9 @@ async def deliver_turnaround(
         await queue.release_domain(domain, deliverer=deliverer)
         logger.info("release finished domain=%s via=ATRN", domain)
     await session.close()
+
+
+def _delivery_timeouts(queue: QueueManager) -> ClientTimeouts:
+    if isinstance(queue.deliverer, RemoteDeliverer):
+        return queue.deliverer.settings.timeouts
+    return RFC_TIMEOUTS

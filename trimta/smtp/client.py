@@ -41,6 +41,8 @@ import enum
 import re
 from collections.abc import Iterable
 
+import attrs
+
 from trimta.smtp.client_events import (
     Phase,
     RcptResult,
@@ -54,8 +56,10 @@ from trimta.smtp.stuffing import DotStuffer
 
 __all__ = [
     "NEED_DATA",
+    "RFC_TIMEOUTS",
     "ClientConnection",
     "ClientState",
+    "ClientTimeouts",
     "Phase",
     "RcptResult",
     "SendBody",
@@ -65,18 +69,49 @@ __all__ = [
     "timeout_for",
 ]
 
-# RFC 5321 4.5.3.2: the client's minimum waits for each reply, in seconds.
-# RFC 5321 sets none for EHLO, HELO, RSET, NOOP, QUIT, STARTTLS or AUTH, so
-# those use DEFAULT_TIMEOUT, the 5 minutes it gives MAIL and RCPT.
-TIMEOUTS: dict[Phase, float] = {
-    Phase.GREETING: 5 * 60.0,  # 4.5.3.2.1 initial 220 message
-    Phase.MAIL: 5 * 60.0,  # 4.5.3.2.2
-    Phase.RCPT: 5 * 60.0,  # 4.5.3.2.3
-    Phase.DATA: 2 * 60.0,  # 4.5.3.2.4 DATA initiation
-    Phase.DATA_BLOCK: 3 * 60.0,  # 4.5.3.2.5 each send of message data
-    Phase.DATA_END: 10 * 60.0,  # 4.5.3.2.6 DATA termination
+_ABOVE_ZERO = attrs.validators.gt(0)
+
+
+@attrs.frozen
+class ClientTimeouts:
+    """Seconds the client waits for each reply, and for each send of message data.
+
+    The defaults are the minimum waits of RFC 5321 4.5.3.2. RFC 5321 sets
+    no timeout for EHLO, HELO, STARTTLS, AUTH, RSET, NOOP or QUIT, so
+    `command` covers those, with the 5 minutes that MAIL and RCPT get.
+
+    Attributes:
+        greeting: The 220 greeting (4.5.3.2.1).
+        mail: The reply to MAIL (4.5.3.2.2).
+        rcpt: The reply to each RCPT (4.5.3.2.3).
+        data_init: The 354 reply to DATA (4.5.3.2.4).
+        data_block: Each send of message data (4.5.3.2.5).
+        data_end: The reply after the final dot (4.5.3.2.6).
+        command: The reply to every other command.
+    """
+
+    greeting: float = attrs.field(default=5 * 60.0, validator=_ABOVE_ZERO)
+    mail: float = attrs.field(default=5 * 60.0, validator=_ABOVE_ZERO)
+    rcpt: float = attrs.field(default=5 * 60.0, validator=_ABOVE_ZERO)
+    data_init: float = attrs.field(default=2 * 60.0, validator=_ABOVE_ZERO)
+    data_block: float = attrs.field(default=3 * 60.0, validator=_ABOVE_ZERO)
+    data_end: float = attrs.field(default=10 * 60.0, validator=_ABOVE_ZERO)
+    command: float = attrs.field(default=5 * 60.0, validator=_ABOVE_ZERO)
+
+    def for_phase(self, phase: Phase) -> float:
+        """Return the seconds to wait for the reply of `phase`, or its data send."""
+        return getattr(self, _TIMEOUT_FIELDS.get(phase, "command"))
+
+
+_TIMEOUT_FIELDS = {
+    Phase.GREETING: "greeting",
+    Phase.MAIL: "mail",
+    Phase.RCPT: "rcpt",
+    Phase.DATA: "data_init",
+    Phase.DATA_BLOCK: "data_block",
+    Phase.DATA_END: "data_end",
 }
-DEFAULT_TIMEOUT = 5 * 60.0
+RFC_TIMEOUTS = ClientTimeouts()
 
 # Lenient reply limits: RFC 5321 4.5.3.1.5 allows 512 octets per line.
 MAX_ACCEPTED_REPLY_LINE = 4096
@@ -118,7 +153,7 @@ _VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+")
 
 def timeout_for(phase: Phase) -> float:
     """Return the RFC 5321 4.5.3.2 timeout in seconds for a reply or data send."""
-    return TIMEOUTS.get(phase, DEFAULT_TIMEOUT)
+    return RFC_TIMEOUTS.for_phase(phase)
 
 
 class ClientState(enum.Enum):
@@ -250,7 +285,13 @@ class ClientConnection:
     ``reset_after_tls``.
     """
 
-    def __init__(self, *, local_hostname: str, expect_greeting: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        local_hostname: str,
+        expect_greeting: bool = True,
+        timeouts: ClientTimeouts = RFC_TIMEOUTS,
+    ) -> None:
         """Create a session.
 
         Args:
@@ -258,6 +299,7 @@ class ClientConnection:
                 address literal such as "[192.0.2.1]".
             expect_greeting: false when the session starts without a 220,
                 e.g. on a connection that already carried one.
+            timeouts: the waits that ``timeout`` reports for each phase.
         """
         if not local_hostname or any(c in local_hostname for c in " \r\n\0"):
             raise LocalProtocolError(
@@ -265,6 +307,7 @@ class ClientConnection:
                 " mail.example.org"
             )
         self.local_hostname = local_hostname
+        self.timeouts = timeouts
         self.extensions: dict[str, str] = {}
         self.extended = False
         self.tls_active = False
@@ -296,10 +339,10 @@ class ClientConnection:
     def timeout(self) -> float:
         """Seconds to wait for the next reply or data send (RFC 5321 4.5.3.2)."""
         if self._state is ClientState.DATA:
-            return timeout_for(Phase.DATA_BLOCK)
+            return self.timeouts.for_phase(Phase.DATA_BLOCK)
         if self._pending:
-            return timeout_for(self._pending[0])
-        return DEFAULT_TIMEOUT
+            return self.timeouts.for_phase(self._pending[0])
+        return self.timeouts.command
 
     def supports(self, keyword: str) -> bool:
         """Return whether the last EHLO reply advertised keyword."""
