@@ -22,6 +22,7 @@ import trio
 from trimta.config.values import HostPort
 from trimta.listen.conn import Session, SessionContext, peer_address
 from trimta.listen.policy import IPAddress
+from trimta.listen.transport import SocketTransport
 from trimta.smtp import replies
 
 logger = logging.getLogger("trimta.listen")
@@ -166,14 +167,15 @@ class SmtpServer:
             sessions.start_soon(self._run_session, stream, context)
 
     async def _run_session(self, stream: trio.SocketStream, context: SessionContext) -> None:
-        peer = peer_address(stream)
+        transport = SocketTransport.take_over(stream)
+        peer = peer_address(transport)
         sid = f"{next(self._ids):x}"
         refusal = self.limits.refusal(peer)
         self.limits.opened(peer)
         logger.info("session opened sid=%s client=%s", sid, peer)
         try:
-            async with stream:
-                await Session(context, stream, peer, sid).run(refusal)
+            async with transport:
+                await Session(context, transport, peer, sid).run(refusal)
         except Exception:
             # One broken session must not take the daemon down.
             logger.exception("session failed sid=%s client=%s", sid, peer)
