@@ -32,6 +32,8 @@ EXPECTED = {
     "latency_accept_p99": ("trimta", "postfix", "aiosmtpd"),
     "latency_relay_p50": ("trimta", "postfix"),
     "latency_relay_p99": ("trimta", "postfix"),
+    "release_etrn": ("trimta", "postfix"),
+    "release_atrn": ("trimta",),
 }
 
 pytestmark = pytest.mark.interop
@@ -115,3 +117,27 @@ def test_bench_quick_prints_table(quick_run):
 def test_bench_quick_removes_temporary_folder(quick_run):
     _, _, leftovers = quick_run
     assert leftovers == []
+
+
+def run_bench_arguments(*arguments: str) -> subprocess.CompletedProcess:
+    """Run scripts/bench with arguments that make it stop before any server."""
+    return subprocess.run(
+        [sys.executable, str(BENCH), *arguments],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_bench_only_rejects_unknown_figure():
+    process = run_bench_arguments("--only", "release,nosuch")
+    assert process.returncode == 2
+    assert "invalid figure nosuch" in process.stderr
+    assert "accept, relay, latency, memory, release" in process.stderr
+
+
+def test_bench_only_memory_quick_runs_nothing():
+    process = run_bench_arguments("--quick", "--only", "memory")
+    assert process.returncode == 2
+    assert "runs nothing in the quick plan" in process.stderr
