@@ -382,7 +382,7 @@ async def _cancel_on_second_signal(signals, work: trio.Nursery, stop: _StopState
 
 async def _open_spool(config: Config) -> Spool:
     check_spool_folder(config)
-    spool = Spool(config.spool)
+    spool = Spool(config.spool, sync_mode=config.spool_sync)
     try:
         await trio.to_thread.run_sync(_probe_spool, spool)
     except OSError as exc:

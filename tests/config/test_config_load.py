@@ -100,6 +100,10 @@ def test_values_parsed_and_normalised():
             'listener[0].address = "127.0.0.1": the port is missing',
         ),
         (
+            'spool_sync = "never"',
+            'spool_sync = "never": expected one of: filesystem, file',
+        ),
+        (
             '[[listener]]\naddress = "mail.example.org:25"',
             'listener[0].address = "mail.example.org:25": host must be an IP address',
         ),

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 import trio
 import trio.lowlevel
 
@@ -115,7 +116,7 @@ CHILD = textwrap.dedent(
                 print(part.mid, part.domain, flush=True)
 
     async def main():
-        async with open_spool(sys.argv[1]) as (spool, _):
+        async with open_spool(sys.argv[1], sync_mode=sys.argv[3]) as (spool, _):
             print("ready", flush=True)
             async with trio.open_nursery() as nursery:
                 for first in range(int(sys.argv[2]), int(sys.argv[2]) + 8):
@@ -131,10 +132,10 @@ def expected_body(sender):
     return (b"line of message %d\r\n" % n) * lines + b"end %d\r\n" % lines
 
 
-def run_child_until_killed(script, root, first, delay):
+def run_child_until_killed(script, root, first, delay, mode):
     """Run the child, SIGKILL it delay seconds after it is ready, return its lines."""
     child = subprocess.Popen(
-        [sys.executable, str(script), str(root), str(first)],
+        [sys.executable, str(script), str(root), str(first), mode],
         stdout=subprocess.PIPE,
         env=daemon_environment(),
     )
@@ -147,7 +148,8 @@ def run_child_until_killed(script, root, first, delay):
     return output.decode().split("\n")[:-1]
 
 
-async def test_sigkill_leaves_only_complete_parts(tmp_path):
+@pytest.mark.parametrize("mode", ["file", "filesystem"])
+async def test_sigkill_leaves_only_complete_parts(tmp_path, mode):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     root = tmp_path / "spool"
@@ -160,6 +162,7 @@ async def test_sigkill_leaves_only_complete_parts(tmp_path):
             root,
             round_number * 1_000_000,
             rng.random() * 0.5,
+            mode,
         )
         acknowledged |= {tuple(line.split()) for line in lines}
 

@@ -13,6 +13,7 @@ from trimta.config.model import (
 )
 from trimta.config.values import HOSTNAME_PATTERN
 from trimta.smtp.address import AddressError, normalize_domain
+from trimta.spool.syncfs import SYNC_MODES, syncfs
 
 # (key path, minimum) for every whole-number setting.
 _MINIMUMS = (
@@ -34,6 +35,7 @@ def run(config: Config) -> Iterator[Finding]:
     """Yield (key path, value, expectation) for each broken rule."""
     yield from _check_minimums(config)
     yield from _check_hostname(config)
+    yield from _check_spool_sync(config)
     yield from _check_listeners(config)
     yield from _check_domains(config)
     yield from _check_local(config)
@@ -64,6 +66,17 @@ def _check_hostname(config: Config) -> Iterator[Finding]:
             "hostname",
             config.hostname,
             'expected a fully qualified host name such as "mail.example.org"',
+        )
+
+
+def _check_spool_sync(config: Config) -> Iterator[Finding]:
+    if config.spool_sync not in SYNC_MODES:
+        yield "spool_sync", config.spool_sync, "expected one of: " + ", ".join(SYNC_MODES)
+    elif config.spool_sync == "filesystem" and syncfs is None:
+        yield (
+            "spool_sync",
+            config.spool_sync,
+            'this system has no syncfs(2); use "file"',
         )
 
 

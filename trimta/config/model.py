@@ -24,6 +24,7 @@ from trimta.config.values import (
     NextHop,
     RouteKey,
 )
+from trimta.spool.syncfs import default_sync_mode
 
 # Later protocols (ODMR) add their kind here and in the daemon.
 LISTENER_KINDS = ("smtp", "submission", "odmr")
@@ -284,6 +285,9 @@ class Config:
     Attributes:
         hostname: Name used in the greeting, EHLO reply and Received:.
         spool: Folder of the message spool.
+        spool_sync: How a commit batch makes the spool durable: "filesystem"
+            (one syncfs per step, the default where Linux offers it) or
+            "file" (an fsync per file and folder).
         listener: The sockets to accept SMTP sessions on.
         domains: The domains served, by role.
         relay: Who may relay.
@@ -300,6 +304,7 @@ class Config:
 
     hostname: str = attrs.Factory(default_hostname)
     spool: Path = Path("spool")
+    spool_sync: str = attrs.Factory(default_sync_mode)
     listener: tuple[Listener, ...] = attrs.Factory(default_listeners)
     domains: Domains = Domains()
     relay: Relay = Relay()

@@ -10,17 +10,28 @@ accept rate.
 
 So spool writes are *jobs* handed to one committer task. The committer
 takes every job that is waiting, runs them as one batch in one worker
-thread, and only then wakes the submitters. A batch runs in three steps:
+thread, and only then wakes the submitters. A batch runs in four steps:
 
-1. ``apply``: each job does its own file work and fsyncs its own files
-   (body, ``.env`` written under a temporary name and renamed). It returns
-   the directories whose entries it changed. A job that raises OSError
-   here is rolled back at once and fails alone.
-2. Each distinct directory touched by the surviving jobs is fsynced once,
-   however many jobs touched it. This is the shared work. A job whose
-   directory fails to sync is rolled back and fails.
-3. ``cleanup`` runs for every job (for a commit: unlink the temporary body,
-   which needs no fsync because recovery empties tmp/ anyway).
+1. ``write``: each job writes its new files under names that recovery
+   ignores or removes (the body in tmp/, ``<mid>.<random>.env.tmp``). A
+   job that raises OSError here is rolled back at once and fails alone.
+2. The new files' contents are made durable (see the modes below).
+3. ``place``: each job links and renames its files to their final names
+   (or unlinks, for a removal) and returns the directories it changed.
+4. The changed directory entries are made durable, then ``cleanup`` runs
+   for every job (for a commit: unlink the temporary body, which needs no
+   sync because recovery empties tmp/ anyway).
+
+Contents are durable before any name points at them, so a crash at any
+moment leaves each part either complete or absent (or, for an envelope
+update, the old envelope). Two modes do steps 2 and 4:
+
+- ``file``: fsync each new file in step 2 and each changed directory once
+  in step 4. The cost grows with the batch: two fsyncs per message.
+- ``filesystem``: one syncfs(2) of the spool's file system for each of
+  steps 2 and 4, whatever the batch size. It also flushes other writers'
+  data on that file system, so it suits a spool on a file system of its
+  own or a quiet one. It needs Linux.
 
 While a batch runs, new jobs queue in the channel and form the next batch,
 so under load the batch size grows with the fsync latency.
@@ -42,6 +53,7 @@ import attrs
 import trio
 
 from trimta.spool.envelope import PartRef
+from trimta.spool.syncfs import SYNC_MODES, syncfs
 
 logger = logging.getLogger("trimta.spool")
 
@@ -77,29 +89,36 @@ class CommitStats:
         jobs: jobs run, including failed ones.
         file_fsyncs: fsync calls on files.
         dir_fsyncs: fsync calls on directories.
+        filesystem_syncs: syncfs calls (``filesystem`` mode).
     """
 
     batches: int = 0
     jobs: int = 0
     file_fsyncs: int = 0
     dir_fsyncs: int = 0
+    filesystem_syncs: int = 0
 
 
 class Job:
     """A unit of spool file work run inside a batch by the committer thread."""
 
     action = "write"
+    # Whether ``write`` creates files whose contents step 2 must sync.
+    writes_files = True
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.error: SpoolError | None = None
 
-    def apply(self, sync: SyncFunctions) -> set[str]:
-        """Do and fsync this job's file work; return the directories changed."""
+    def write(self, sync: SyncFunctions) -> None:
+        """Write this job's new files under temporary names (step 1)."""
+
+    def place(self) -> set[str]:
+        """Give the written files their final names; return the directories changed."""
         raise NotImplementedError
 
     def rollback(self) -> None:
-        """Undo what ``apply`` created, as far as possible."""
+        """Undo what ``write`` and ``place`` created, as far as possible."""
 
     def cleanup(self) -> None:
         """Release temporary files after the batch, whether it succeeded or not."""
@@ -117,15 +136,37 @@ class Job:
 
 @attrs.define
 class SyncFunctions:
-    """The fsync calls available to a job, counted in ``stats``."""
+    """The sync calls available to a batch, counted in ``stats``.
+
+    With ``syncfs`` set (the ``filesystem`` mode), files and directories
+    are not synced one by one: ``sync_filesystem`` syncs them all at once.
+    """
 
     fsync: FsyncFunction
     stats: CommitStats
+    syncfs: FsyncFunction | None = None
+    root: str = "."
+
+    @property
+    def per_filesystem(self) -> bool:
+        return self.syncfs is not None
 
     def sync_file(self, fd: int) -> None:
-        """Fsync an open file descriptor."""
+        """Fsync an open file descriptor, unless the batch syncs the file system."""
+        if self.syncfs is not None:
+            return
         self.stats.file_fsyncs += 1
         self.fsync(fd)
+
+    def sync_filesystem(self) -> None:
+        """Sync the whole file system that contains the spool root."""
+        assert self.syncfs is not None
+        self.stats.filesystem_syncs += 1
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.syncfs(fd)
+        finally:
+            os.close(fd)
 
     def sync_dir(self, path: str) -> None:
         """Fsync a directory so its entries (links, renames) are durable."""
@@ -172,42 +213,109 @@ def run_batch(jobs: list[Job], sync: SyncFunctions) -> list[Job]:
     """Run one batch in the current (worker) thread; return the jobs that succeeded."""
     sync.stats.batches += 1
     sync.stats.jobs += len(jobs)
-    applied = []
+    written = [job for job in jobs if _run_step(job, lambda job: job.write(sync))]
+    written = _sync_contents(written, sync)
+    placed = []
+    for job in written:
+        touched: set[str] = set()
+        if _run_step(job, lambda job: touched.update(job.place())):
+            placed.append((job, touched))
+    done = _sync_entries(placed, sync)
     for job in jobs:
-        try:
-            applied.append((job, job.apply(sync)))
-        except SpoolError as exc:
-            job.error = exc
-            job.rollback()
-        except OSError as exc:
-            job.fail(str(exc.filename or "-"), exc)
+        job.cleanup()
+    return done
 
-    # Step 2 of the theory: each directory fsynced once for the whole batch.
+
+def _run_step(job: Job, step: Callable[[Job], object]) -> bool:
+    """Run one step of a job; on failure record the error, roll back, return False."""
+    try:
+        step(job)
+    except SpoolError as exc:
+        job.error = exc
+        job.rollback()
+        return False
+    except OSError as exc:
+        job.fail(str(exc.filename or "-"), exc)
+        return False
+    return True
+
+
+def _sync_contents(jobs: list[Job], sync: SyncFunctions) -> list[Job]:
+    """Step 2: make written contents durable; return the jobs still alive."""
+    if not sync.per_filesystem or not any(job.writes_files for job in jobs):
+        return jobs  # file mode: each file was fsynced as it was written
+    try:
+        sync.sync_filesystem()
+    except OSError as exc:
+        for job in jobs:
+            job.fail(sync.root, exc)
+        return []
+    return jobs
+
+
+def _sync_entries(placed: list[tuple[Job, set[str]]], sync: SyncFunctions) -> list[Job]:
+    """Step 4: make the changed directory entries durable; return the jobs done."""
+    if sync.per_filesystem:
+        try:
+            if placed:
+                sync.sync_filesystem()
+        except OSError as exc:
+            for job, _dirs in placed:
+                job.fail(sync.root, exc)
+            return []
+        return [job for job, _dirs in placed]
+
+    # Each directory is fsynced once for the whole batch.
     dir_errors = {}
-    for path in sorted(set().union(*(dirs for _job, dirs in applied))):
+    for path in sorted(set().union(*(dirs for _job, dirs in placed))):
         try:
             sync.sync_dir(path)
         except OSError as exc:
             dir_errors[path] = exc
-
     done = []
-    for job, dirs in applied:
+    for job, dirs in placed:
         failed = sorted(dirs & dir_errors.keys())
         if failed:
             job.fail(failed[0], dir_errors[failed[0]])
         else:
             done.append(job)
-    for job in jobs:
-        job.cleanup()
     return done
 
 
 class GroupCommitter:
     """The committer task and the channel that feeds it jobs."""
 
-    def __init__(self, fsync: FsyncFunction = os.fsync) -> None:
+    def __init__(
+        self,
+        fsync: FsyncFunction = os.fsync,
+        *,
+        mode: str = "file",
+        root: str = ".",
+        filesystem_sync: FsyncFunction | None = None,
+    ) -> None:
+        """Set up the committer.
+
+        Args:
+            fsync: the fsync function of the ``file`` mode.
+            mode: "file" or "filesystem" (see the module docstring).
+            root: a folder on the spool's file system, for syncfs.
+            filesystem_sync: the syncfs function; tests pass a counting one.
+
+        Raises:
+            ValueError: an unknown mode, or ``filesystem`` without syncfs.
+        """
+        if mode not in SYNC_MODES:
+            raise ValueError(f"unknown spool sync mode {mode!r}")
+        per_filesystem = filesystem_sync or syncfs
+        if mode == "filesystem" and per_filesystem is None:
+            raise ValueError("this system has no syncfs(2); use the file sync mode")
         self.stats = CommitStats()
-        self._sync = SyncFunctions(fsync, self.stats)
+        self._sync = SyncFunctions(
+            fsync,
+            self.stats,
+            syncfs=per_filesystem if mode == "filesystem" else None,
+            root=root,
+        )
         self._send, self._receive = trio.open_memory_channel(math.inf)
         self.running = False
 
@@ -357,31 +465,32 @@ class CommitJob(Job):
         self.placements = list(placements)
         self.on_committed = on_committed
         self._created: list[str] = []
+        self._temporaries: list[str] = []
+        self._new_directories: set[str] = set()
 
-    def apply(self, sync: SyncFunctions) -> set[str]:
+    def write(self, sync: SyncFunctions) -> None:
         self.body.finish(sync)
-        touched: set[str] = set()
+        self._temporaries = []
         for placement in self.placements:
-            touched |= self._place(placement, sync)
-        return touched
+            if not os.path.isdir(placement.directory):
+                if self._make_directory(placement.directory):
+                    self._new_directories.add(placement.directory)
+            temporary = temporary_envelope_path(placement.directory, placement.part.mid)
+            self._created.append(temporary)
+            write_synced(temporary, placement.envelope, sync)
+            self._temporaries.append(temporary)
 
-    def _place(self, placement: Placement, sync: SyncFunctions) -> set[str]:
-        touched = {placement.directory}
-        stem = os.path.join(placement.directory, placement.part.mid)
-        # One inode shared by all parts: the body is stored once. The
-        # domain directory usually exists, so it is made only when missing.
-        try:
+    def place(self) -> set[str]:
+        touched = {placement.directory for placement in self.placements}
+        if self._new_directories:
+            touched.add(self.domains_dir)
+        for placement, temporary in zip(self.placements, self._temporaries):
+            stem = os.path.join(placement.directory, placement.part.mid)
+            # One inode shared by all parts: the body is stored once.
             os.link(self.body.path, stem + ".eml")
-        except FileNotFoundError:
-            if self._make_directory(placement.directory):
-                touched.add(self.domains_dir)
-            os.link(self.body.path, stem + ".eml")
-        self._created.append(stem + ".eml")
-        temporary = temporary_envelope_path(placement.directory, placement.part.mid)
-        self._created.append(temporary)
-        write_synced(temporary, placement.envelope, sync)
-        os.replace(temporary, stem + ".env")
-        self._created.append(stem + ".env")
+            self._created.append(stem + ".eml")
+            os.replace(temporary, stem + ".env")
+            self._created.append(stem + ".env")
         return touched
 
     @staticmethod
@@ -419,13 +528,15 @@ class SaveJob(Job):
         self.envelope = envelope
         self._temporary = temporary_envelope_path(directory, mid)
 
-    def apply(self, sync: SyncFunctions) -> set[str]:
+    def write(self, sync: SyncFunctions) -> None:
         stem = os.path.join(self.directory, self.mid)
         if not os.path.exists(stem + ".eml"):
             # Writing the envelope now would leave an .env without a body.
             raise SpoolError(self.action, stem + ".eml", "part no longer exists")
         write_synced(self._temporary, self.envelope, sync)
-        os.replace(self._temporary, stem + ".env")
+
+    def place(self) -> set[str]:
+        os.replace(self._temporary, os.path.join(self.directory, self.mid) + ".env")
         return {self.directory}
 
     def rollback(self) -> None:
@@ -436,13 +547,14 @@ class RemoveJob(Job):
     """Remove a part: the envelope first, then the body link."""
 
     action = "remove"
+    writes_files = False
 
     def __init__(self, directory: str, mid: str) -> None:
         super().__init__()
         self.directory = directory
         self.mid = mid
 
-    def apply(self, sync: SyncFunctions) -> set[str]:
+    def place(self) -> set[str]:
         stem = os.path.join(self.directory, self.mid)
         # A crash between the two unlinks leaves an .eml without .env, which
         # recovery deletes as debris.

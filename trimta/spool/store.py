@@ -187,14 +187,26 @@ class Spool:
     Args:
         root: the spool directory; created (0o700) if missing.
         fsync: the fsync function; tests pass a counting or failing one.
+        sync_mode: "file" (an fsync per file and directory) or "filesystem"
+            (one syncfs per batch step); see ``trimta.spool.commit``.
+        filesystem_sync: the syncfs function; tests pass a counting one.
     """
 
-    def __init__(self, root: str | Path, *, fsync: FsyncFunction = os.fsync) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        fsync: FsyncFunction = os.fsync,
+        sync_mode: str = "file",
+        filesystem_sync: FsyncFunction | None = None,
+    ) -> None:
         self.root = Path(root)
         self.tmp_dir = str(self.root / "tmp")
         self.domains_dir = str(self.root / "domains")
         self.corrupt_dir = str(self.root / "corrupt")
-        self._committer = GroupCommitter(fsync)
+        self._committer = GroupCommitter(
+            fsync, mode=sync_mode, root=str(self.root), filesystem_sync=filesystem_sync
+        )
         self._subscribers: list[trio.MemorySendChannel] = []
         self._locks: dict[str, trio.Lock] = {}
         self._opened = False
@@ -407,14 +419,20 @@ def _quarantine(root: Path, directory: Path, part: PartRef, error: Exception) ->
 
 @contextlib.asynccontextmanager
 async def open_spool(
-    root: str | Path, *, fsync: FsyncFunction = os.fsync
+    root: str | Path,
+    *,
+    fsync: FsyncFunction = os.fsync,
+    sync_mode: str = "file",
+    filesystem_sync: FsyncFunction | None = None,
 ) -> AsyncIterator[tuple[Spool, list[PartRef]]]:
     """Open a spool with its committer running in a private nursery.
 
     Yields:
         The spool and the complete parts found by recovery.
     """
-    spool = Spool(root, fsync=fsync)
+    spool = Spool(
+        root, fsync=fsync, sync_mode=sync_mode, filesystem_sync=filesystem_sync
+    )
     parts = await spool.open()
     async with trio.open_nursery() as nursery:
         await nursery.start(spool.run_committer)
