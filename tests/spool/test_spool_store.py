@@ -5,7 +5,8 @@ import os
 import pytest
 import trio
 
-from trimta.spool.envelope import ClientInfo, PartRef, Recipient
+from trimta.spool import store
+from trimta.spool.envelope import ClientInfo, PartRef, Recipient, parse_envelope
 from trimta.spool.names import new_mid
 from trimta.spool.store import Spool, SpoolError, open_spool
 
@@ -272,3 +273,33 @@ async def test_load_rejects_hostile_part(tmp_path):
         PartRef("../../../etc/passwd", "example.org")
     with pytest.raises(ValueError):
         PartRef("0" * 20, "../..")
+
+
+async def test_first_load_of_new_part_matches_disk(tmp_path):
+    async with open_spool(tmp_path) as (spool, _):
+        (part,) = await commit_message(spool)
+        on_disk = parse_envelope(spool.body_path(part).with_suffix(".env").read_bytes())
+        first = await spool.load(part)
+        second = await spool.load(part)
+        assert first == on_disk
+        assert second == on_disk
+
+
+async def test_load_after_save_sees_saved_envelope(tmp_path):
+    async with open_spool(tmp_path) as (spool, _):
+        (part,) = await commit_message(spool)
+        changed = parse_envelope(spool.body_path(part).with_suffix(".env").read_bytes())
+        changed.attempts = 3
+        await spool.save(changed)
+        loaded = await spool.load(part)
+        assert loaded.attempts == 3
+
+
+async def test_fresh_envelopes_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "FRESH_ENVELOPES", 2)
+    async with open_spool(tmp_path) as (spool, _):
+        parts = [(await commit_message(spool))[0] for _ in range(3)]
+        assert len(spool._fresh) == 2
+        for part in parts:
+            loaded = await spool.load(part)
+            assert loaded.part == part

@@ -22,7 +22,7 @@ import trio
 from trimta.config.values import HostPort
 from trimta.listen.conn import Session, SessionContext, peer_address
 from trimta.listen.policy import IPAddress
-from trimta.listen.transport import SocketTransport
+from trimta.transport import SocketTransport
 from trimta.smtp import replies
 
 logger = logging.getLogger("trimta.listen")

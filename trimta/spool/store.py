@@ -8,6 +8,7 @@ recovery.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -44,6 +45,9 @@ from trimta.spool.envelope import (
 logger = logging.getLogger("trimta.spool")
 
 __all__ = ["MessageWriter", "Spool", "SpoolError", "open_spool"]
+
+# New parts whose envelopes are kept for their first load (about 1 KiB each).
+FRESH_ENVELOPES = 2000
 
 
 class MessageWriter:
@@ -114,13 +118,21 @@ class MessageWriter:
         finishes the job, so the message may be queued without a 250.
         """
         self._check_open()
-        placements = self._placements(sender, recipients, params or {}, client)
+        envelopes = self._envelopes(sender, recipients, params or {}, client)
+        placements = [
+            Placement(
+                os.path.dirname(self._spool._stem(envelope.part)),
+                envelope.part,
+                dump_envelope(envelope),
+            )
+            for envelope in envelopes
+        ]
         self._spool._committer.check_running()
         job = CommitJob(
             self._body,
             self._spool.domains_dir,
             placements,
-            self._spool._publish,
+            lambda _parts: self._spool._committed(envelopes),
         )
         self._open = False  # the committer owns the body file from here
         await self._spool._committer.submit(job)
@@ -138,18 +150,18 @@ class MessageWriter:
         if not self._open:
             raise RuntimeError(f"message {self.mid} is already committed or aborted")
 
-    def _placements(
+    def _envelopes(
         self,
         sender: str,
         recipients: Mapping[str, Sequence[Recipient | str]],
         params: Mapping[str, str | None],
         client: ClientInfo | None,
-    ) -> list[Placement]:
+    ) -> list[Envelope]:
         if not recipients:
             raise ValueError(f"message {self.mid} has no recipients")
-        placements = []
+        envelopes = []
         for domain, rcpts in recipients.items():
-            dirname = names.dirname_for_domain(domain)
+            names.dirname_for_domain(domain)  # raises ValueError for a bad domain
             if not rcpts:
                 raise ValueError(
                     f"message {self.mid}: domain {domain} has no recipients"
@@ -165,11 +177,8 @@ class MessageWriter:
                 client=client or ClientInfo(),
                 next_attempt=self.arrival,
             )
-            directory = os.path.join(self._spool.domains_dir, dirname)
-            placements.append(
-                Placement(directory, envelope.part, dump_envelope(envelope))
-            )
-        return placements
+            envelopes.append(envelope)
+        return envelopes
 
 
 def _as_recipient(recipient: Recipient | str) -> Recipient:
@@ -210,6 +219,11 @@ class Spool:
         self._subscribers: list[trio.MemorySendChannel] = []
         self._locks: dict[str, trio.Lock] = {}
         self._opened = False
+        # Envelopes of parts just committed, so that the first load of a
+        # new part needs no file read; bounded, oldest dropped first.
+        self._fresh: collections.OrderedDict[PartRef, Envelope] = (
+            collections.OrderedDict()
+        )
 
     @property
     def stats(self) -> CommitStats:
@@ -255,6 +269,14 @@ class Spool:
         self._subscribers.append(send)
         return receive
 
+    def _committed(self, envelopes: list[Envelope]) -> None:
+        """Keep the new parts' envelopes for their first load, then publish them."""
+        for envelope in envelopes:
+            self._fresh[envelope.part] = envelope
+        while len(self._fresh) > FRESH_ENVELOPES:
+            self._fresh.popitem(last=False)
+        self._publish([envelope.part for envelope in envelopes])
+
     def _publish(self, parts: list[PartRef]) -> None:
         for channel in list(self._subscribers):
             try:
@@ -289,6 +311,9 @@ class Spool:
             SpoolError: the envelope file cannot be read (e.g. removed).
             EnvelopeError: the file does not parse or names another part.
         """
+        fresh = self._fresh.pop(part, None)
+        if fresh is not None:
+            return fresh
         path = self._stem(part) + ".env"
         try:
             content = await trio.to_thread.run_sync(Path(path).read_bytes)
@@ -307,12 +332,14 @@ class Spool:
         Raises:
             SpoolError: the write failed or the part no longer exists.
         """
+        self._fresh.pop(envelope.part, None)
         directory = os.path.dirname(self._stem(envelope.part))
         job = SaveJob(directory, envelope.id, dump_envelope(envelope))
         await self._committer.submit(job)
 
     async def remove(self, part: PartRef) -> None:
         """Remove a part durably: envelope first, then its body link."""
+        self._fresh.pop(part, None)
         directory = os.path.dirname(self._stem(part))
         await self._committer.submit(RemoveJob(directory, part.mid))
 

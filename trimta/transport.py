@@ -1,11 +1,12 @@
-"""A TCP stream for SMTP sessions that yields to Trio only when it must wait.
+"""A TCP stream for SMTP connections that yields to Trio only when it must wait.
 
 `trio.SocketStream` passes through the scheduler on every send and every
 receive, even when the socket is ready. An SMTP session makes about seven
 sends and seven receives per message, and on the accept benchmark that
 scheduling was a third of the event loop's time per message. This stream
 calls the non-blocking socket directly and waits (a checkpoint) only when
-the socket is not ready.
+the socket is not ready. Both the listeners' sessions and outbound
+delivery use it.
 
 Fairness: a client whose data is always ready would otherwise keep the
 loop to itself, so every `FAIR_SHARE` operations that did not wait, the

@@ -10,7 +10,7 @@ import trio
 import trio.testing
 import trustme
 
-from trimta.listen.transport import FAIR_SHARE, SocketTransport
+from trimta.transport import FAIR_SHARE, SocketTransport
 
 
 def transport_pair() -> tuple[SocketTransport, socket.socket]:
