@@ -352,10 +352,6 @@ class QueueManager:
         if envelope.domain in self.held_domains:
             if now < envelope.arrival + self.hold_lifetime:
                 envelope.last_error = _last_error(envelope)
-                logger.info(
-                    "held mid=%s domain=%s attempts=%d error=%s",
-                    envelope.id, envelope.domain, envelope.attempts, envelope.last_error,
-                )
                 return []
             return self._expire(envelope, by_address)
         when = self.retry.next_attempt(
@@ -364,11 +360,6 @@ class QueueManager:
         if when is not None:
             envelope.next_attempt = when
             envelope.last_error = _last_error(envelope)
-            logger.info(
-                "deferred mid=%s domain=%s attempts=%d retry-in=%.0fs error=%s",
-                envelope.id, envelope.domain, envelope.attempts, when - now,
-                envelope.last_error,
-            )
             return []
         return self._expire(envelope, by_address)
 
@@ -389,6 +380,20 @@ class QueueManager:
         logger.info("expired mid=%s domain=%s recipients=%d", envelope.id, envelope.domain, len(expired))
         return expired
 
+    def _log_waiting(self, envelope: Envelope) -> None:
+        """Log a part that stays queued after an attempt: held or deferred."""
+        if envelope.domain in self.held_domains:
+            logger.info(
+                "held mid=%s domain=%s attempts=%d error=%s",
+                envelope.id, envelope.domain, envelope.attempts, envelope.last_error,
+            )
+            return
+        logger.info(
+            "deferred mid=%s domain=%s attempts=%d retry-in=%.0fs error=%s",
+            envelope.id, envelope.domain, envelope.attempts,
+            max(0.0, envelope.next_attempt - self.wall_clock()), envelope.last_error,
+        )
+
     async def _finish(self, envelope: Envelope, failed: list[RecipientOutcome]) -> None:
         if failed:
             # The bounce is queued before the envelope is updated: a crash
@@ -400,6 +405,9 @@ class QueueManager:
                 logger.info("done mid=%s domain=%s", envelope.id, envelope.domain)
             else:
                 await self.spool.save(envelope)
+                # Logged once saved, so a reader of the log finds the
+                # spool already updated.
+                self._log_waiting(envelope)
                 if envelope.domain not in self.held_domains:
                     self._schedule(envelope.part, envelope.next_attempt)
         except SpoolError as exc:
