@@ -41,7 +41,10 @@ class SocketTransport(trio.abc.Stream):
     @classmethod
     def take_over(cls, stream: trio.SocketStream) -> SocketTransport:
         """Move an accepted Trio socket stream's socket into a new transport."""
-        return cls(socket.socket(fileno=stream.socket.detach()))
+        trio_socket = stream.socket
+        # Naming family and type spares the kernel calls that detect them.
+        family, kind, proto = trio_socket.family, trio_socket.type, trio_socket.proto
+        return cls(socket.socket(family, kind, proto, trio_socket.detach()))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._check_open()

@@ -172,7 +172,9 @@ class SmtpServer:
         sid = f"{next(self._ids):x}"
         refusal = self.limits.refusal(peer)
         self.limits.opened(peer)
-        logger.info("session opened sid=%s client=%s", sid, peer)
+        # At INFO one line per session is enough: the closing one names the
+        # client too, and each line costs accept rate.
+        logger.debug("session opened sid=%s client=%s", sid, peer)
         try:
             async with transport:
                 await Session(context, transport, peer, sid).run(refusal)
@@ -181,4 +183,4 @@ class SmtpServer:
             logger.exception("session failed sid=%s client=%s", sid, peer)
         finally:
             self.limits.closed(peer)
-            logger.info("session closed sid=%s", sid)
+            logger.info("session closed sid=%s client=%s", sid, peer)
