@@ -303,3 +303,13 @@ async def test_fresh_envelopes_are_bounded(tmp_path, monkeypatch):
         for part in parts:
             loaded = await spool.load(part)
             assert loaded.part == part
+
+
+async def test_peek_leaves_new_envelope_kept(tmp_path):
+    async with open_spool(tmp_path) as (spool, _):
+        (part,) = await commit_message(spool)
+        peeked = await spool.load(part, peek=True)
+        assert part in spool._fresh
+        taken = await spool.load(part)
+        assert taken is peeked
+        assert part not in spool._fresh

@@ -138,7 +138,7 @@ class QueueManager:
     async def add(self, part: PartRef) -> None:
         """Schedule a part at the next attempt time its envelope records."""
         try:
-            envelope = await self.spool.load(part)
+            envelope = await self.spool.load(part, peek=True)
         except (SpoolError, EnvelopeError, ValueError) as exc:
             logger.error("cannot load part mid=%s domain=%s error=%s", part.mid, part.domain, exc)
             return

@@ -304,14 +304,19 @@ class Spool:
         """Return the path of a part's body (shared by all parts of the message)."""
         return Path(self._stem(part) + ".eml")
 
-    async def load(self, part: PartRef) -> Envelope:
+    async def load(self, part: PartRef, *, peek: bool = False) -> Envelope:
         """Read a part's envelope.
+
+        Args:
+            part: the part.
+            peek: the caller only reads the envelope and never changes it,
+                so a kept envelope of a new part stays kept for the next load.
 
         Raises:
             SpoolError: the envelope file cannot be read (e.g. removed).
             EnvelopeError: the file does not parse or names another part.
         """
-        fresh = self._fresh.pop(part, None)
+        fresh = self._fresh.get(part) if peek else self._fresh.pop(part, None)
         if fresh is not None:
             return fresh
         path = self._stem(part) + ".env"
