@@ -63,14 +63,28 @@ class Sink:
         """Wait until `count` transactions are recorded and return them."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if len(list(self.dumps.iterdir())) >= count:
-                time.sleep(0.1)  # let the last file be written whole
+            if len(list(self.dumps.iterdir())) >= count and self._dumps_settled():
                 return self.messages()
             time.sleep(0.05)
         raise AssertionError(
             f"smtp-sink recorded {len(list(self.dumps.iterdir()))} messages "
             f"after {timeout}s, expected {count}"
         )
+
+    def _dumps_settled(self) -> bool:
+        """Return whether no dump grew in 0.1 s and each names a recipient.
+
+        smtp-sink writes a dump while the transaction runs, so a dump that
+        exists may still lack its recipients or the end of its message.
+        """
+        sizes = {path: path.stat().st_size for path in self.dumps.iterdir()}
+        time.sleep(0.1)
+        for path, size in sizes.items():
+            if path.stat().st_size != size:
+                return False
+            if not _parse_dump(path.read_bytes()).recipients:
+                return False
+        return True
 
     def stop(self) -> None:
         if self.process.poll() is None:

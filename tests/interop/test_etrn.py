@@ -9,13 +9,14 @@ import time
 
 import pytest
 
+from counting_proxy import run_counting_proxy
 from harness import environment_without_proxy, wait_until
 from sink import run_sink
 
 FETCHMAIL = "/usr/bin/fetchmail"
 
 
-def held_config(sink_port: int, extra: str = "") -> dict:
+def held_config(sink_port: int, extra: str = "", delivery: str = "") -> dict:
     return dict(
         hold=("held.example", "sub.held.example", "other.example"),
         extra=(
@@ -23,7 +24,7 @@ def held_config(sink_port: int, extra: str = "") -> dict:
             f'"held.example" = ["127.0.0.1:{sink_port}"]\n'
             f'"sub.held.example" = ["127.0.0.1:{sink_port}"]\n'
             f'"other.example" = ["127.0.0.1:{sink_port}"]\n'
-            '[delivery]\nmin_backoff = "1s"\n'
+            '[delivery]\nmin_backoff = "1s"\n' + delivery +
             '[etrn.queues]\n"customer" = ["other.example"]\n' + extra
         ),
     )
@@ -58,8 +59,25 @@ def test_held_mail_waits_until_etrn(daemon_factory, tmp_path):
             f"user{i}@held.example" for i in range(3)
         ]
         wait_until(lambda: daemon.spool_parts("held.example") == [], what="spool to empty")
-    # One release uses one connection for all the domain's messages.
+    # One ETRN starts one release for all the domain's messages.
     assert daemon.log().count("release started domain=held.example") == 1
+
+
+def test_release_uses_per_domain_connections(daemon_factory):
+    limit = 3
+    with run_sink(options=["-w", "1"]) as sink, run_counting_proxy(
+        ("127.0.0.1", sink.port)
+    ) as proxy:
+        daemon = daemon_factory(
+            **held_config(proxy.port, delivery=f"per_domain_concurrency = {limit}\n")
+        )
+        queue_held(daemon, "held.example", 12)
+        assert etrn(daemon, "held.example")[0] == 253
+        messages = sink.wait_for(12, timeout=60)
+        wait_until(lambda: daemon.spool_parts("held.example") == [], what="spool to empty")
+    recipients = sorted(m.recipients[0] for m in messages)
+    assert recipients == sorted(f"user{i}@held.example" for i in range(12))
+    assert 1 < proxy.counts.peak <= limit
 
 
 def test_etrn_replies(daemon_factory, tmp_path):

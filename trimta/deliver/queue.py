@@ -161,7 +161,11 @@ class QueueManager:
         return len(due)
 
     async def release_domain(self, domain: str, deliverer: Deliverer | None = None) -> None:
-        """Deliver every part of a held domain now, over one connection.
+        """Deliver every part of a held domain now.
+
+        To the domain's next hop (ETRN) the parts go over as many as
+        `per_domain_concurrency` connections at once, as queued mail does.
+        ATRN's turned-around connection is a single one.
 
         The caller holds the domain's spool lock. Parts that fail for now
         stay held for the next release; parts that fail for good bounce.
@@ -169,12 +173,20 @@ class QueueManager:
         Args:
             domain: The held domain.
             deliverer: Where to deliver; the domain's next hop by default,
-                or ATRN's turned-around connection.
+                or ATRN's turned-around connection (then one connection).
         """
         queue = _DomainQueue()
         for part in self.spool.list_parts(domain):
             queue.queued.add(part)
             queue.ready.append(part)
+        connections = 1 if deliverer is not None else self.per_domain_concurrency
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(connections, len(queue.ready))):
+                nursery.start_soon(self._release_worker, domain, queue, deliverer)
+
+    async def _release_worker(
+        self, domain: str, queue: _DomainQueue, deliverer: Deliverer | None
+    ) -> None:
         async with self.limiter:
             await self._drain(domain, queue, linger=False, deliverer=deliverer)
 

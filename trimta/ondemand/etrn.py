@@ -6,7 +6,8 @@ queue from `[etrn] queues`). Only held domains can be released, and a
 domain that is not held gets 459 without saying whether mail waits for
 it. A granted release runs in the background through the queue manager,
 which delivers the domain's held parts to its next hop (route or MX)
-over one connection; the ETRN reply does not wait for it.
+over up to `delivery.per_domain_concurrency` connections; the ETRN reply
+does not wait for it.
 
 One release per domain runs at a time: the spool's per-domain lock is
 held for the whole release, so a second ETRN for the same domain is
