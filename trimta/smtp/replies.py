@@ -136,6 +136,8 @@ def show(value: str | bytes, limit: int = 60) -> str:
 # Session replies.
 
 
+# Replies are immutable, so the ones sent in every session are built once.
+@functools.lru_cache(maxsize=64)
 def greeting(hostname: str, text: str) -> Reply:
     """Build the 220 greeting (RFC 5321 4.2: no enhanced status)."""
     return Reply(220, None, (f"{hostname} {text}",))
@@ -151,6 +153,7 @@ def helo_ok(hostname: str, client: str) -> Reply:
     return Reply(250, None, (f"{hostname} greets {client}",))
 
 
+@functools.lru_cache(maxsize=64)
 def service_closing(hostname: str) -> Reply:
     """Build the 221 reply to QUIT."""
     return Reply(221, "2.0.0", (f"{hostname} closing connection",))
@@ -260,6 +263,7 @@ def help_text() -> Reply:
     )
 
 
+@functools.lru_cache(maxsize=64)
 def start_mail_input() -> Reply:
     """Build the 354 reply to DATA (3xx replies carry no enhanced status)."""
     return Reply(354, None, ("start mail input, end with <CRLF>.<CRLF>",))
@@ -346,6 +350,7 @@ def mailbox_unavailable(address: str) -> Reply:
     return Reply(550, "5.2.1", (f"mailbox {address} unavailable",))
 
 
+@functools.lru_cache(maxsize=64)
 def spool_unavailable() -> Reply:
     """Build the 451 4.3.0 reply when the message could not be stored."""
     return Reply(451, "4.3.0", ("cannot store the message now, try again later",))

@@ -74,6 +74,7 @@ from trimta.smtp.events import (
 )
 from trimta.smtp.parse import (
     MAX_ANY_COMMAND_LINE,
+    MAX_COMMAND_LINE,
     max_line_length,
     parse_command,
     parse_mail_argument,
@@ -446,9 +447,12 @@ class ServerConnection:
     def _skip_long_line(self) -> None:
         """Drop the start of a line that can no longer fit (memory bound)."""
         buffer = self._input
-        limit = self._line_limit(buffer)
-        if not self._discard_limit and len(buffer) >= max(MAX_ANY_COMMAND_LINE, limit):
-            self._discard_limit = limit
+        # Every limit is at least MAX_ANY_COMMAND_LINE, so a shorter buffer
+        # needs no look at its verb.
+        if not self._discard_limit and len(buffer) >= MAX_ANY_COMMAND_LINE:
+            limit = self._line_limit(buffer)
+            if len(buffer) >= limit:
+                self._discard_limit = limit
         if self._discard_limit:
             # Keep a final CR: it may pair with an LF in the next input.
             keep = 1 if buffer.endswith(b"\r") else 0
@@ -469,9 +473,10 @@ class ServerConnection:
             return self._reject(replies.line_too_long(limit))
         # The length check comes first so that the reply is the same
         # whether the line arrived whole or was discarded piecemeal.
-        limit = _line_limit(line)
-        if len(line) + 2 > limit:
-            return self._reject(replies.line_too_long(limit))
+        if len(line) + 2 > MAX_COMMAND_LINE:
+            limit = _line_limit(line)
+            if len(line) + 2 > limit:
+                return self._reject(replies.line_too_long(limit))
         # RFC 5321 2.3.8: CR and LF only appear together as the line end.
         if b"\r" in line or b"\n" in line:
             return self._reject(replies.bare_line_ending_in_command())

@@ -8,6 +8,7 @@ as a second line of defence and reject anything not already normalised.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -31,6 +32,8 @@ _mid_lock = threading.Lock()
 _last_micros = 0
 
 
+# Called several times per message for the same few domains.
+@functools.lru_cache(maxsize=4096)
 def dirname_for_domain(domain: str) -> str:
     """Check a normalised domain and return its spool directory name.
 
