@@ -129,15 +129,21 @@ class DotReader:
     def _check_line_lengths(self, raw: bytes) -> None:
         # Lengths are counted up to each LF, so a line of n octets before
         # its CRLF measures n + 1 here and the limit is n + 2 <= 1000.
-        lines = raw.split(b"\n")
-        first = self._line_length + len(lines[0])
-        if len(lines) == 1:
-            longest = self._line_length = first
+        # Rather than split every line, jump from LF to the last LF within
+        # reach: a line is too long exactly when some reach holds no LF.
+        limit = MAX_TEXT_LINE - 1
+        carried, start, end = self._line_length, 0, len(raw)
+        while start + limit - carried < end:
+            newline = raw.rfind(b"\n", start, start + limit - carried + 1)
+            if newline < 0:
+                self.problems.add(Problem.LINE_TOO_LONG)
+                break
+            carried, start = 0, newline + 1
+        last = raw.rfind(b"\n", start)
+        if last >= 0:
+            self._line_length = end - last - 1
         else:
-            longest = max(first, *map(len, lines[1:]))
-            self._line_length = len(lines[-1])
-        if longest > MAX_TEXT_LINE - 1:
-            self.problems.add(Problem.LINE_TOO_LONG)
+            self._line_length = carried + end - start
 
     def _scan_header(self, raw: bytes) -> None:
         window = self._header_tail + raw
