@@ -191,16 +191,40 @@ class QueueManager:
             await self._drain(domain, queue, linger=False, deliverer=deliverer)
 
     async def expire_held(self) -> None:
-        """Bounce held parts older than the hold lifetime."""
+        """Bounce held parts older than the hold lifetime.
+
+        The envelopes are read without the domain's lock, and the lock is
+        taken only when some part has expired. While the lock is held,
+        ETRN and ATRN find a release running and start none. The first
+        scan runs right after start, and a lock held for a whole scan of
+        thousands of held parts kept releases from starting for seconds
+        after each restart.
+        """
         now = self.wall_clock()
         for domain in sorted(self.held_domains):
-            if self.spool.lock(domain).locked():
-                continue  # a release is running; it records its own outcomes
-            async with self.spool.lock(domain):
-                for part in self.spool.list_parts(domain):
-                    envelope = await self._load(part)
-                    if envelope is not None and now >= envelope.arrival + self.hold_lifetime:
-                        await self._finish(envelope, self._expire(envelope, {}))
+            envelopes = await self.spool.load_domain(domain)
+            cutoff = now - self.hold_lifetime  # arrived then or earlier: expired
+            expired = [e.part for e in envelopes if e.arrival <= cutoff]
+            if expired:
+                await self._expire_held_parts(domain, expired, now)
+
+    async def _expire_held_parts(
+        self, domain: str, parts: list[PartRef], now: float
+    ) -> None:
+        lock = self.spool.lock(domain)
+        if lock.locked():
+            return  # a release is running, and it records its own outcomes
+        async with lock:
+            # A release may have delivered some of them since the scan.
+            present = set(self.spool.list_parts(domain))
+            for part in parts:
+                if part not in present:
+                    continue
+                envelope = await self._load(part)
+                if envelope is None:
+                    continue
+                if now >= envelope.arrival + self.hold_lifetime:
+                    await self._finish(envelope, self._expire(envelope, {}))
 
     async def run_hold_expiry(self, interval: float | None = None) -> None:
         """Run `expire_held` every `interval` seconds until cancelled.

@@ -300,6 +300,40 @@ class Spool:
         mids = (name[: -len(".env")] for name in entries if name.endswith(".env"))
         return sorted(PartRef(mid, domain) for mid in mids if names.is_mid(mid))
 
+    async def load_domain(self, domain: str) -> list[Envelope]:
+        """Read the envelope of every part of a domain in one worker thread.
+
+        One thread call for the whole domain, not one per part, so that a
+        scan of thousands of parts costs little more than the parsing. It
+        takes no lock, so a part removed during the scan is left out. An
+        envelope that does not parse is logged and left out, and recovery
+        moves it to ``corrupt/`` at the next start.
+
+        Returns:
+            The envelopes that could be read, sorted by message id.
+        """
+        return await trio.to_thread.run_sync(self._read_domain, domain)
+
+    def _read_domain(self, domain: str) -> list[Envelope]:
+        envelopes = []
+        for part in self.list_parts(domain):
+            path = self._stem(part) + ".env"
+            try:
+                with open(path, "rb") as file:
+                    envelope = parse_envelope(file.read())
+                if envelope.part != part:
+                    raise EnvelopeError(f"envelope describes {envelope.part}")
+            except FileNotFoundError:
+                continue  # delivered or bounced since the listing
+            except (OSError, EnvelopeError) as exc:
+                logger.error(
+                    "cannot read envelope mid=%s domain=%s error=%s",
+                    part.mid, part.domain, exc,
+                )
+                continue
+            envelopes.append(envelope)
+        return envelopes
+
     def body_path(self, part: PartRef) -> Path:
         """Return the path of a part's body (shared by all parts of the message)."""
         return Path(self._stem(part) + ".eml")
@@ -377,7 +411,10 @@ def recover_spool(root: Path) -> list[PartRef]:
                 logger.warning("recovery skipped unknown directory path=%s", entry.path)
             else:
                 parts.extend(_recover_domain(root, entry.name))
-    parts.sort()
+
+    # Sort by (mid, domain), the order PartRef defines, as plain tuples.
+    # PartRef's generated __lt__ took a tenth of recovery time.
+    parts.sort(key=lambda part: (part.mid, part.domain))
     logger.info("recovered root=%s parts=%d", root, len(parts))
     return parts
 
@@ -393,44 +430,47 @@ def _empty_directory(directory: Path) -> None:
 
 
 def _recover_domain(root: Path, dirname: str) -> list[PartRef]:
-    directory = root / "domains" / dirname
+    # Plain strings and os.scandir, not Path objects, because recovery
+    # runs before trimta listens and visits every file of the spool.
+    directory = os.path.join(root, "domains", dirname)
     bodies, envelopes = set(), set()
-    for path in directory.iterdir():
-        stem, _, suffix = path.name.partition(".")
-        if path.name.endswith(".env.tmp"):
-            _remove_debris(path, "unfinished-envelope")
-        elif names.is_mid(stem) and suffix in ("eml", "env"):
-            (bodies if suffix == "eml" else envelopes).add(stem)
-        else:
-            logger.warning("recovery skipped unknown file path=%s", path)
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            stem, _, suffix = entry.name.partition(".")
+            if entry.name.endswith(".env.tmp"):
+                _remove_debris(entry.path, "unfinished-envelope")
+            elif names.is_mid(stem) and suffix in ("eml", "env"):
+                (bodies if suffix == "eml" else envelopes).add(stem)
+            else:
+                logger.warning("recovery skipped unknown file path=%s", entry.path)
 
     # Either half alone belongs to a part that was never acknowledged or
     # was being removed, so it is debris.
     for mid in bodies - envelopes:
-        _remove_debris(directory / (mid + ".eml"), "body-without-envelope")
+        _remove_debris(os.path.join(directory, mid + ".eml"), "body-without-envelope")
     for mid in envelopes - bodies:
-        _remove_debris(directory / (mid + ".env"), "envelope-without-body")
+        _remove_debris(os.path.join(directory, mid + ".env"), "envelope-without-body")
     parts = []
-    for mid in sorted(bodies & envelopes):
-        part = PartRef(mid, dirname)
-        if _check_envelope(root, directory, part):
-            parts.append(part)
+    for mid in bodies & envelopes:
+        if _check_envelope(root, directory, mid, dirname):
+            parts.append(PartRef(mid, dirname))
     return parts
 
 
-def _remove_debris(path: Path, reason: str) -> None:
-    path.unlink()
+def _remove_debris(path: str, reason: str) -> None:
+    os.unlink(path)
     logger.info("recovery removed path=%s reason=%s", path, reason)
 
 
-def _check_envelope(root: Path, directory: Path, part: PartRef) -> bool:
-    envelope_path = directory / (part.mid + ".env")
+def _check_envelope(root: Path, directory: str, mid: str, dirname: str) -> bool:
+    with open(os.path.join(directory, mid + ".env"), "rb") as file:
+        content = file.read()
     try:
-        envelope = parse_envelope(envelope_path.read_bytes())
-        if envelope.part != part:
+        envelope = parse_envelope(content)
+        if envelope.id != mid or envelope.domain != dirname:
             raise EnvelopeError(f"envelope describes {envelope.part}")
     except EnvelopeError as exc:
-        _quarantine(root, directory, part, exc)
+        _quarantine(root, Path(directory), PartRef(mid, dirname), exc)
         return False
     return True
 
