@@ -10,11 +10,14 @@ cancels everything at once.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import signal
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -50,6 +53,9 @@ from trimta.spool.envelope import PartRef
 from trimta.spool.store import Spool, SpoolError
 
 logger = logging.getLogger("trimta")
+
+# In the spool folder: held with flock(2) by the running daemon, with its pid.
+LOCK_FILE = "lock"
 
 
 @attrs.define(eq=False)
@@ -231,7 +237,10 @@ async def serve_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) 
     Returns:
         True after a graceful stop, False after an immediate one.
     """
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with (
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
+        _spool_lock(config),
+    ):
         security = load_listener_security(config)
         check_route_ca_files(config)
         spool = await _open_spool(config)
@@ -378,6 +387,46 @@ async def _cancel_on_second_signal(signals, work: trio.Nursery, stop: _StopState
         stop.graceful = False
         work.cancel_scope.cancel()
         return
+
+
+@contextlib.contextmanager
+def _spool_lock(config: Config) -> Iterator[None]:
+    """Hold the spool's lock file for the daemon's life.
+
+    Recovery deletes files that look half written, so a second daemon on
+    the same spool would delete the first one's mail in flight. The lock
+    is an flock(2), which the kernel releases when the process ends, even
+    by SIGKILL.
+
+    Raises:
+        StartupError: another process holds the lock, or the lock file
+            cannot be created.
+    """
+    check_spool_folder(config)
+    path = os.path.join(config.spool, LOCK_FILE)
+    try:
+        os.makedirs(config.spool, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StartupError(
+            f"spool = {_quote(config.spool)}: cannot create {path}: "
+            f"{exc.strerror or exc}; check that trimta's user can write the folder"
+        ) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            raise StartupError(
+                f"spool = {_quote(config.spool)}: another trimta (pid {holder}) "
+                f"already uses this spool and holds {path}; stop it first, or "
+                "give this daemon a spool of its own"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 async def _open_spool(config: Config) -> Spool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import smtplib
 import subprocess
 import sys
 
@@ -162,6 +163,22 @@ def test_spool_on_read_only_fs_rejected(tmp_path, below):
 
 
 # Listener certificates and keys.
+
+
+def test_second_daemon_on_same_spool_rejected(tmp_path, daemon_factory):
+    first = daemon_factory(hold=("held.example",))
+    with smtplib.SMTP("127.0.0.1", first.port, timeout=30) as client:
+        client.sendmail("a@example.org", ["b@held.example"], b"Subject: kept\r\n\r\nx\r\n")
+    config = write_config(tmp_path / "second", spool=first.spool)
+
+    served = run_cli("serve", "--config", str(config))
+
+    line = assert_one_line_failure(
+        served, f"another trimta (pid {first.process.pid})", str(first.spool / "lock")
+    )
+    assert "stop it first" in line
+    assert len(first.spool_parts("held.example")) == 1
+    assert first.process.poll() is None
 
 
 def test_missing_tls_cert_rejected(tmp_path, pem):
