@@ -240,12 +240,15 @@ def test_submission_adds_message_id_and_date(auth_daemon, authority):
     assert full_header.count(b"Date:") == 1
 
 
-def test_starttls_injection_never_processed(auth_daemon, authority):
+# The long form injects more than one slice of pipelined commands.
+@pytest.mark.parametrize("padding", [0, 2000])
+def test_starttls_injection_never_processed(auth_daemon, authority, padding):
     with socket.create_connection(("127.0.0.1", auth_daemon.port), timeout=30) as raw:
         assert read_reply(raw).startswith(b"220")
         raw.sendall(b"EHLO client.example.net\r\n")
         assert b"STARTTLS" in read_reply(raw)
-        raw.sendall(b"STARTTLS\r\nMAIL FROM:<evil@x.example>\r\n")
+        injected = b"NOOP\r\n" * padding + b"MAIL FROM:<evil@x.example>\r\n"
+        raw.sendall(b"STARTTLS\r\n" + injected)
         # Exactly one reply: the injected MAIL got none in plaintext.
         assert read_reply(raw) == b"220 2.0.0 ready to start TLS\r\n"
         context = client_context(authority)
@@ -260,6 +263,30 @@ def test_starttls_injection_never_processed(auth_daemon, authority):
             assert b"AUTH PLAIN LOGIN CRAM-MD5" in lines
             tls.sendall(b"QUIT\r\n")
             assert read_reply(tls).startswith(b"221")
+
+
+def test_late_starttls_gets_whole_timeout_for_handshake(tmp_path, authority):
+    daemon = configure(tmp_path / "late", authority)
+    config = daemon.folder / "trimta.toml"
+    config.write_text(config.read_text() + '\n[limits]\ncommand_timeout = "2s"\n')
+    write_credentials(daemon.folder)
+    daemon.start()
+    try:
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as raw:
+            read_reply(raw)
+            raw.sendall(b"EHLO client.example.net\r\n")
+            read_reply(raw)
+            time.sleep(1.5)
+            raw.sendall(b"STARTTLS\r\n")
+            assert read_reply(raw).startswith(b"220 2.0.0")
+            # 2.5 s after the EHLO reply, but only 1 s after the 220.
+            time.sleep(1.0)
+            context = client_context(authority)
+            with context.wrap_socket(raw, server_hostname="mx.trimta.test") as tls:
+                tls.sendall(b"EHLO client.example.net\r\n")
+                assert read_reply(tls).startswith(b"250")
+    finally:
+        daemon.stop(signal.SIGKILL)
 
 
 def test_handshake_failure_logged_once(auth_daemon):

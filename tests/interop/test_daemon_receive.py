@@ -8,6 +8,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -285,6 +286,63 @@ def test_client_that_never_reads_is_closed(daemon_factory):
                 closed = True
     assert closed, "the session stayed open although the client never read"
     wait_until(lambda: "timeout sid=" in daemon.log(), what="the timeout log line")
+
+
+def test_command_flood_leaves_other_sessions_served(daemon_factory):
+    daemon = daemon_factory()
+    flood = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
+    replies = 0
+    stop = threading.Event()
+
+    def read_flood_replies():
+        nonlocal replies
+        while not stop.is_set():
+            try:
+                data = flood.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            replies += data.count(b"\r\n250 ")
+
+    def send_flood():
+        try:
+            flood.sendall(b"NOOP\r\n" * 1_000_000)
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=read_flood_replies), threading.Thread(target=send_flood)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: replies > 1000, what="the flood to be answered")
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=60) as client:
+            client.sendmail("a@example.org", ["user@localhost"], b"Subject: probe\r\n\r\nx\r\n")
+        answered_before_probe_done = replies
+    finally:
+        stop.set()
+        # shutdown wakes the thread blocked in sendall; close alone does not.
+        flood.shutdown(socket.SHUT_RDWR)
+        flood.close()
+        for thread in threads:
+            thread.join(30)
+    # A session's turn is one slice of commands (about 700 NOOPs), so the
+    # probe's few steps cost the flood a few thousand replies, not a read
+    # of 64 KiB (11,000 NOOPs) per step.
+    assert answered_before_probe_done < 50_000, answered_before_probe_done
+
+
+def test_engine_replies_restart_command_deadline(daemon_factory):
+    daemon = daemon_factory(extra='[limits]\ncommand_timeout = "2s"\n')
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+        # Each NOOP comes 1 s after the previous reply: 5 s in all, well
+        # past one command_timeout, and the session stays open.
+        for _ in range(5):
+            time.sleep(1.0)
+            assert client.noop()[0] == 250
+        # Then silence: the 421 is waiting when the next command goes out.
+        time.sleep(3.0)
+        assert client.noop()[0] == 421
 
 
 def test_sigterm_gives_open_transaction_grace(daemon_factory):

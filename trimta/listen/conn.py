@@ -76,6 +76,9 @@ from trimta.spool.store import MessageWriter, Spool, SpoolError
 logger = logging.getLogger("trimta.listen")
 
 RECEIVE_SIZE = 65536
+# Octets of commands given to the engine between two checkpoints: about 700
+# pipelined NOOPs, some milliseconds of work.
+COMMAND_SLICE = 4096
 # Seconds allowed to send the 421 after a deadline or a stop.
 CLOSING_REPLY_GRACE = 5.0
 
@@ -195,6 +198,10 @@ class Session:
         self._waiting_until = math.inf
         self._idle = False
         self._interrupt = trio.CancelScope()
+        # Received input not yet given to the engine (see _feed).
+        self._backlog = b""
+        # True from the start of a send until it completes.
+        self._sending = False
         self._data_started = 0.0
         self._data_octets = 0
         self._spool_failure = replies.spool_unavailable()
@@ -251,6 +258,11 @@ class Session:
 
     async def _close_interrupted(self) -> None:
         """Send 421 after a deadline or a stop, within a short grace."""
+        if self._sending:
+            # A send cut short leaves the stream in an unknown state (a TLS
+            # record half written), and this client does not read anyway.
+            logger.info("timeout sid=%s while sending replies", self.sid)
+            return
         self._close_on_interrupt()
         with trio.move_on_after(CLOSING_REPLY_GRACE):
             await self._flush()
@@ -319,8 +331,14 @@ class Session:
         if not data:
             return True
         self._waiting_until = self._deadline
+        self._sending = True
         try:
             await self.stream.send_all(data)
+            self._sending = False
+            if self.engine.state is State.COMMAND:
+                # The deadline counts from the previous reply, including
+                # one the engine made by itself (NOOP, RSET, errors).
+                self._restart_command_deadline()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             logger.info("connection lost sid=%s while sending a reply", self.sid)
             return False
@@ -330,6 +348,11 @@ class Session:
 
     async def _receive(self) -> None:
         """Read more input into the engine, or close on a deadline or stop."""
+        if self._backlog:
+            # Let other sessions run between two slices of pipelined commands.
+            await trio.lowlevel.checkpoint()
+            self._feed(self._backlog)
+            return
         idle = self.engine.state is State.COMMAND and not self.engine.in_transaction
         if idle and self.context.stopping.is_set():
             self.engine.close(replies.shutting_down(self.context.settings.hostname))
@@ -347,8 +370,22 @@ class Session:
             # Interrupted just as input arrived: the interrupt wins, here
             # rather than at some later await such as a commit.
             await trio.lowlevel.checkpoint()
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Give input to the engine; commands go in slices of COMMAND_SLICE.
+
+        The engine replies to NOOP or RSET by itself, so one read of
+        pipelined commands could keep the event loop for thousands of
+        replies. A slice bounds the work done between two checkpoints.
+        """
         if self.engine.state is State.DATA:
             self._data_octets += len(data)
+        elif len(data) > COMMAND_SLICE:
+            data, self._backlog = data[:COMMAND_SLICE], data[COMMAND_SLICE:]
+            self.engine.receive_data(data)
+            return
+        self._backlog = b""
         self.engine.receive_data(data)
 
     def _close_on_interrupt(self) -> None:
@@ -495,8 +532,14 @@ class Session:
         self.engine.send_reply(reply)
 
     async def _on_starttls(self, event: StartTls) -> None:
-        # The 220 must reach the client before the handshake starts.
-        if await self._flush() and await self._start_tls():
+        # RFC 3207 4.2: input sent before the handshake is plaintext and
+        # must never run, the slices not yet given to the engine included.
+        self._backlog = b""
+        # The 220 must reach the client before the handshake starts, and
+        # the handshake gets a whole command_timeout of its own.
+        sent = await self._flush()
+        self._restart_command_deadline()
+        if sent and await self._start_tls():
             self.engine.tls_started()
             self.helo, self.extended = "", False
         else:
