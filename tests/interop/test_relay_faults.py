@@ -62,7 +62,8 @@ class ScriptedHop:
 
     Args:
         silent_at: The step after which the hop sends nothing more:
-            "connect" (no greeting), "EHLO", "MAIL", "RCPT", "DATA" (no
+            "connect" (no greeting), "drip" (the greeting one octet every
+            0.25 s, so no read waits long but the reply takes 7 s), "EHLO", "MAIL", "RCPT", "DATA" (no
             354), "body" (after the 354 it stops reading) or "dot" (it
             reads the message and never replies). None serves normally.
         rcpt_replies: Reply line per recipient address; others get 250.
@@ -152,6 +153,8 @@ class _Conversation:
     def run(self) -> None:
         if self.hop.silent_at == "connect":
             return self.hop.go_silent()
+        if self.hop.silent_at == "drip":
+            return self.drip_greeting()
         self.send("220 hop.test ESMTP scripted")
         for _ in range(MAX_COMMANDS):
             line = self.read_line()
@@ -205,6 +208,15 @@ class _Conversation:
             return False
         self.send("250 2.0.0 stored")
         return True
+
+    def drip_greeting(self) -> None:
+        """Send the greeting one octet every 0.25 s, then nothing more."""
+        self.hop.went_silent.set()
+        for octet in b"220 hop.test ESMTP scripted\r\n":
+            if self.hop._stopped.wait(0.25):
+                return
+            self.conn.sendall(bytes([octet]))
+        self.hop.go_silent()
 
     def send(self, line: str) -> None:
         self.conn.sendall(line.encode() + b"\r\n")
@@ -266,6 +278,7 @@ def large_body(marker: bytes) -> bytes:
 # (where the hop goes silent, the error text the deferral must contain)
 SILENCES = [
     ("connect", f"no reply from 127.0.0.1 within {TIMEOUTS['greeting_timeout']:g}s"),
+    ("drip", f"no reply from 127.0.0.1 within {TIMEOUTS['greeting_timeout']:g}s"),
     ("EHLO", f"no reply from 127.0.0.1 within {TIMEOUTS['command_timeout']:g}s"),
     ("MAIL", f"no reply from 127.0.0.1 within {TIMEOUTS['mail_timeout']:g}s"),
     ("RCPT", f"no reply from 127.0.0.1 within {TIMEOUTS['rcpt_timeout']:g}s"),

@@ -248,6 +248,10 @@ class RemoteSession:
         self.hop = hop
         self.client = client
         self.usable = True
+        # The deadline of the reply being waited for, and the count of
+        # complete replies when it was set.
+        self._reply_deadline: float | None = None
+        self._replies_seen = 0
 
     @property
     def remote(self) -> str:
@@ -406,11 +410,20 @@ class RemoteSession:
                 raise _HopFailed(str(broken)) from broken
 
     async def _exchange(self) -> None:
-        """Send queued commands, then read once, within the current timeout."""
-        await self._flush()
+        """Send queued commands, then read once, within the reply's timeout.
+
+        The timeout runs from when the reply became due (the command went
+        out, or the previous reply was complete), not from the last read,
+        so a next hop sending a byte now and then cannot hold the worker.
+        """
+        sent = await self._flush()
         timeout = self.client.timeout
+        replies = self.client.replies_received
+        if sent or self._reply_deadline is None or replies != self._replies_seen:
+            self._replies_seen = replies
+            self._reply_deadline = trio.current_time() + timeout
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_at(self._reply_deadline):
                 data = await self.stream.receive_some(RECEIVE_SIZE)
         except trio.TooSlowError:
             raise _SessionBroken(f"no reply from {self.hop.host} within {timeout:g}s") from None
@@ -423,10 +436,11 @@ class RemoteSession:
         except (RemoteProtocolError, LocalProtocolError) as exc:
             raise _SessionBroken(f"protocol error from {self.hop.host}: {exc}") from exc
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
+        """Send queued commands or message data; return whether there were any."""
         data = self.client.data_to_send()
         if not data:
-            return
+            return False
         timeout = self.client.timeout
         try:
             with trio.fail_after(timeout):
@@ -435,6 +449,7 @@ class RemoteSession:
             raise _SessionBroken(f"sending to {self.hop.host} timed out after {timeout:g}s") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
             raise _SessionBroken(f"connection to {self.hop.host} lost: {exc}") from exc
+        return True
 
     def _outcome(self, address: str, reply: Reply) -> RecipientOutcome:
         kind = reply.code // 100

@@ -171,6 +171,7 @@ class _ReplyReader:
 
     def __init__(self) -> None:
         self.buffer = bytearray()
+        self.complete = 0  # replies returned so far
         self._lines: list[tuple[int, str | None, str]] = []
 
     def next_reply(self) -> Reply | None:
@@ -182,6 +183,7 @@ class _ReplyReader:
             code, is_last, status, text = parse_reply_line(line)
             self._add_line(code, status, text)
             if is_last:
+                self.complete += 1
                 return self._build()
         raise RemoteProtocolError(f"invalid reply: more than {MAX_REPLY_LINES} lines")
 
@@ -362,6 +364,11 @@ class ClientConnection:
         return frozenset(self.extensions.get("AUTH", "").upper().split())
 
     # Input and output.
+
+    @property
+    def replies_received(self) -> int:
+        """Count of complete replies parsed so far, for per-reply deadlines."""
+        return self._reader.complete
 
     def receive_data(self, data: bytes) -> None:
         """Add received bytes; b"" means the server closed its side.
