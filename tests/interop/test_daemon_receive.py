@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import os
 import signal
 import smtplib
 import socket
@@ -126,6 +127,23 @@ def test_relay_tricks_refused(daemon_factory, recipient):
         code, _ = client.rcpt(recipient)
     assert code >= 500
     assert not (daemon.spool / "domains" / "example.net").exists()
+
+
+# Look-alikes of the local domain "localhost" (a Cyrillic "о", in UTF-8
+# and as its A-label), and an upper-case remote domain.
+@pytest.mark.parametrize(
+    "recipient",
+    ["user@l\u043ecalhost", "user@xn--lcalhost-nbh", "user@EXAMPLE.NET"],
+)
+def test_look_alike_domains_not_relayed(daemon_factory, recipient):
+    daemon = daemon_factory()
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+        client.ehlo("client.example.org")
+        client.mail("a@example.org", ["SMTPUTF8"])
+        code, text = client.rcpt(recipient)
+    assert code == 550
+    assert text.startswith(b"5.7.1")
+    assert os.listdir(daemon.spool / "domains") == []
 
 
 def test_unknown_user_rejected(daemon_factory):
