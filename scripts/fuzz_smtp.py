@@ -27,7 +27,7 @@ import atheris
 
 with atheris.instrument_imports():
     from trimta.smtp import replies, sasl
-    from trimta.smtp.dotstuff import DotReader
+    from trimta.smtp.dotstuff import MAX_TEXT_LINE, DotReader, Problem
     from trimta.smtp.events import NEED_DATA, AuthAttempt, ConnectionClosed, EndOfMessage, StartTls
     from trimta.smtp.server import ServerConnection, ServerSettings
 
@@ -83,13 +83,30 @@ def fuzz_engine(data: bytes) -> None:
 def fuzz_dot_reader(data: bytes) -> None:
     reader = DotReader(max_size=1 << 20)
     total_in = total_out = 0
+    fed = []
     for chunk in data.split(b"\xff"):
+        fed.append(chunk)
         total_in += len(chunk)
         total_out += len(reader.feed(chunk))
         if reader.finished:
             break
     if total_out > total_in:
         raise AssertionError("unstuffing produced more octets than it read")
+    if reader.finished:
+        check_line_length_verdict(reader, b"\r\n" + b"".join(fed))
+
+
+def check_line_length_verdict(reader: DotReader, stream: bytes) -> None:
+    """Compare the reader's too-long verdict with a plain split of the stream.
+
+    The stream starts with the virtual CRLF before the first line. A line
+    is too long when more than 999 octets (its CR included) precede an LF.
+    """
+    end = stream.find(b"\r\n.\r\n")
+    longest = max(len(line) for line in stream[: end + 2].split(b"\n"))
+    expected = longest > MAX_TEXT_LINE - 1
+    if (Problem.LINE_TOO_LONG in reader.problems) != expected:
+        raise AssertionError(f"line-length verdict differs: longest line {longest}")
 
 
 SEEDS = [
