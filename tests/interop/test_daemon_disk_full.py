@@ -28,11 +28,13 @@ def small_tmpfs(tmp_path):
 
 def fill(path, chunk=64 * 1024) -> None:
     """Write zeros into `path` until the file system is full."""
-    with open(path, "wb") as filler:
+    # Unbuffered, so that no unwritten rest makes close() fail once full
+    # (the last write fits only in part when the free space is not a
+    # multiple of the chunk).
+    with open(path, "wb", buffering=0) as filler:
         try:
-            while True:
-                filler.write(b"\0" * chunk)
-                filler.flush()
+            while filler.write(b"\0" * chunk):
+                pass
         except OSError:
             pass
 
