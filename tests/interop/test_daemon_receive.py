@@ -363,6 +363,23 @@ def test_engine_replies_restart_command_deadline(daemon_factory):
         assert client.noop()[0] == 421
 
 
+def test_transaction_past_shutdown_grace_gets_421(daemon_factory):
+    daemon = daemon_factory(relay=("example.net",), extra='[limits]\nshutdown_grace = "1s"\n')
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as client:
+        assert client.recv(1024).startswith(b"220")
+        client.sendall(b"EHLO busy.example.org\r\n")
+        assert client.recv(4096).startswith(b"250")
+        client.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n")
+        received = b""
+        while received.count(b"\r\n") < 2:
+            received += client.recv(4096)
+        daemon.process.send_signal(signal.SIGTERM)
+        # The session stays in its transaction until the grace is over.
+        assert client.recv(1024).startswith(b"421 4.3.2")
+    assert daemon.process.wait(30) == 0
+    assert daemon.spool_parts("example.net") == []
+
+
 def test_sigterm_gives_open_transaction_grace(daemon_factory):
     daemon = daemon_factory(relay=("example.net",), extra='[limits]\nshutdown_grace = "20s"\n')
     idle = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)

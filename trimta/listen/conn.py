@@ -81,6 +81,9 @@ RECEIVE_SIZE = 65536
 COMMAND_SLICE = 4096
 # Seconds allowed to send the 421 after a deadline or a stop.
 CLOSING_REPLY_GRACE = 5.0
+# Seconds allowed to send the 421 when the shutdown grace is over, for
+# each session at once, so stopping takes at most this much longer.
+SHUTDOWN_REPLY_GRACE = 1.0
 
 
 @attrs.define
@@ -241,10 +244,23 @@ class Session:
                 await self._serve()
             if self._interrupt.cancelled_caught:
                 await self._close_interrupted()
+        except trio.Cancelled:
+            # The shutdown grace ran out: tell the client before the close.
+            await self._say_shutting_down()
+            raise
         finally:
             self.context.sessions.discard(self)
             await self._discard_transaction()
             await self._close_tls()
+
+    async def _say_shutting_down(self) -> None:
+        """Send 421 4.3.2 while the session is being cancelled, if possible."""
+        if self._sending or self.engine.state in (State.CLOSED, State.STARTTLS):
+            return
+        self.engine.close(replies.shutting_down(self.context.settings.hostname))
+        with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_REPLY_GRACE):
+            await self._flush()
+        logger.info("closing sid=%s: shutdown grace over", self.sid)
 
     def interrupt_if_idle(self) -> None:
         """Cancel the session's wait if it waits between transactions."""
