@@ -430,7 +430,7 @@ def _spool_lock(config: Config) -> Iterator[None]:
 
 
 async def _open_spool(config: Config) -> Spool:
-    check_spool_folder(config)
+    # _spool_lock has already run check_spool_folder and made the folder.
     spool = Spool(config.spool, sync_mode=config.spool_sync)
     try:
         await trio.to_thread.run_sync(_probe_spool, spool)

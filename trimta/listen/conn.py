@@ -338,8 +338,6 @@ class Session:
                 await self._flush()
                 return
             await self._handlers[type(event)](event)
-            if self.engine.state is State.COMMAND:
-                self._restart_command_deadline()
 
     async def _flush(self) -> bool:
         """Send queued replies; return False when the peer is gone."""
