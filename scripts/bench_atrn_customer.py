@@ -3,9 +3,8 @@
 The customer connects to an ODMR listener, sends EHLO, authenticates with
 AUTH PLAIN and sends ATRN (RFC 2645). After the provider's 250 the
 connection turns around: the customer greets with 220 and then serves as
-a minimal SMTP sink. It answers EHLO and HELO with 250, MAIL, RCPT, RSET
-and NOOP with 250, DATA with 354 and the end of the data with 250, and
-QUIT with 221. It stores nothing. Like smtp-sink it offers PIPELINING and
+a minimal SMTP sink. It replies 250 to EHLO, HELO, MAIL, RCPT, RSET and
+NOOP, 354 to DATA and 250 to the end of the data, and 221 to QUIT. It stores nothing. Like smtp-sink it offers PIPELINING and
 8BITMIME, so the provider may pipeline as it would toward smtp-sink.
 
 The clock starts just before ATRN is sent and stops when the 250 for the

@@ -62,10 +62,11 @@ class ScriptedHop:
 
     Args:
         silent_at: The step after which the hop sends nothing more:
-            "connect" (no greeting), "drip" (the greeting one octet every
-            0.25 s, so no read waits long but the reply takes 7 s), "EHLO", "MAIL", "RCPT", "DATA" (no
+            "connect" (no greeting), "EHLO", "MAIL", "RCPT", "DATA" (no
             354), "body" (after the 354 it stops reading) or "dot" (it
-            reads the message and never replies). None serves normally.
+            reads the message and never replies). "drip" sends the greeting
+            one octet every 0.25 s, so no read waits long but the whole
+            reply takes 7 s. None serves normally.
         rcpt_replies: Reply line per recipient address; others get 250.
             The test may change it while the hop runs.
         receive_buffer: SO_RCVBUF of accepted connections, in octets.

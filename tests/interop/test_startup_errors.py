@@ -1,9 +1,9 @@
 """Start-up faults: `trimta serve` and `trimta check-config` print one line and exit 1.
 
 Each test writes a configuration whose spool, listener certificate or key,
-route CA file or credentials file is unusable, runs the real CLI in a
-child process, and checks that stderr contains exactly one line, naming the
-configuration key and the path and saying what to do, with no traceback.
+route CA file or credentials file is unusable, and runs the real CLI in a
+child process. stderr must contain exactly one line and no traceback. The
+line names the configuration key and the path, and gives the fix.
 """
 
 from __future__ import annotations

@@ -310,6 +310,6 @@ async def test_peek_leaves_new_envelope_kept(tmp_path):
         (part,) = await commit_message(spool)
         peeked = await spool.load(part, peek=True)
         assert part in spool._fresh
-        taken = await spool.load(part)
-        assert taken is peeked
+        loaded = await spool.load(part)
+        assert loaded is peeked
         assert part not in spool._fresh

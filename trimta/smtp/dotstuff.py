@@ -130,7 +130,7 @@ class DotReader:
         # Lengths are counted up to each LF, so a line of n octets before
         # its CRLF measures n + 1 here and the limit is n + 2 <= 1000.
         # Rather than split every line, jump from LF to the last LF within
-        # reach: a line is too long exactly when some reach holds no LF.
+        # reach: a line is too long exactly when some reach contains no LF.
         limit = MAX_TEXT_LINE - 1
         carried, start, end = self._line_length, 0, len(raw)
         while start + limit - carried < end:
