@@ -23,10 +23,10 @@ import email.policy
 import re
 import smtplib
 import socket
-import time
 
 import pytest
 from dnsmasq import run_dnsmasq
+from harness import wait_until
 from sink import run_sink
 
 MX1 = "127.0.0.2"
@@ -91,15 +91,6 @@ def send(daemon, sender: str, recipient: str, subject: str) -> None:
         client.sendmail(sender, [recipient], body.encode())
 
 
-def wait_until(predicate, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def wait_for_deferral(daemon, domain: str) -> dict:
     """Wait until a part of `domain` was tried once, and return its envelope."""
     line = re.compile(rf"deferred mid=\S+ domain={re.escape(domain)} ")
@@ -131,7 +122,9 @@ def test_best_mx_gets_mail(daemon_factory, nameserver, tmp_path):
             "bob0@example.test",
             "bob1@example.test",
         ]
-        wait_until(lambda: daemon.spool_parts("example.test") == [], "spool to empty")
+        wait_until(
+            lambda: daemon.spool_parts("example.test") == [], what="spool to empty"
+        )
         assert backup.messages() == []
 
 
@@ -142,7 +135,9 @@ def test_second_mx_used_when_first_refuses(daemon_factory, nameserver):
         send(daemon, "alice@example.org", "bob@example.test", "fallback")
         [message] = backup.wait_for(1)
         assert message.recipients == ("bob@example.test",)
-        wait_until(lambda: daemon.spool_parts("example.test") == [], "spool to empty")
+        wait_until(
+            lambda: daemon.spool_parts("example.test") == [], what="spool to empty"
+        )
     log = daemon.log()
     assert f"host=mx1.example.test address={MX1} port=25 error=connect failed" in log
     assert "host=mx2.example.test result=delivered" in log
@@ -156,7 +151,9 @@ def test_a_record_used_without_mx(daemon_factory, nameserver):
         [message] = sink.wait_for(1)
         assert message.recipients == ("carol@plain.test",)
         assert message.sender == "alice@example.org"
-        wait_until(lambda: daemon.spool_parts("plain.test") == [], "spool to empty")
+        wait_until(
+            lambda: daemon.spool_parts("plain.test") == [], what="spool to empty"
+        )
 
 
 def test_null_mx_bounces_with_5_1_10(daemon_factory, nameserver):
@@ -167,7 +164,7 @@ def test_null_mx_bounces_with_5_1_10(daemon_factory, nameserver):
     assert "Final-Recipient: rfc822; dave@nullmx.test" in status
     assert "Action: failed" in status
     assert "Status: 5.1.10" in status
-    wait_until(lambda: daemon.spool_parts("nullmx.test") == [], "spool to empty")
+    wait_until(lambda: daemon.spool_parts("nullmx.test") == [], what="spool to empty")
 
 
 def test_nxdomain_bounces_with_5_1_2(daemon_factory, nameserver):
@@ -199,7 +196,9 @@ def test_dns_timeout_defers(daemon_factory):
         silent.bind(("127.0.0.1", 0))
         daemon = daemon_factory(**mx_config(silent.getsockname()[1]))
         send(daemon, "alice@localhost", "gina@example.test", "timeout")
-        wait_until(lambda: "deferred mid=" in daemon.log(), "a deferral", timeout=30)
+        wait_until(
+            lambda: "deferred mid=" in daemon.log(), what="a deferral", timeout=30
+        )
     [envelope] = daemon.spool_parts("example.test")
     [recipient] = envelope["recipients"]
     assert recipient["state"] == "pending"

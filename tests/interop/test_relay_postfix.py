@@ -12,10 +12,10 @@ import email
 import email.policy
 import smtplib
 import threading
-import time
 
 from counting_proxy import run_counting_proxy
 from postfix import run_postfix
+from harness import wait_until
 from sink import run_sink
 
 BURST = 1000
@@ -36,15 +36,6 @@ def route_config(port: int, delivery: str = "") -> dict:
 def send(daemon, sender: str, recipients: list[str], body: bytes) -> None:
     with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
         client.sendmail(sender, recipients, body)
-
-
-def wait_until(predicate, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def send_burst(daemon, first: int, count: int) -> None:
@@ -72,7 +63,9 @@ def test_burst_respects_per_domain_limit(daemon_factory):
         assert not any(sender.is_alive() for sender in senders)
 
         messages = sink.wait_for(BURST, timeout=120)
-        wait_until(lambda: daemon.spool_parts("example.net") == [], "spool to empty")
+        wait_until(
+            lambda: daemon.spool_parts("example.net") == [], what="spool to empty"
+        )
     recipients = sorted(m.recipients[0] for m in messages)
     assert recipients == sorted(f"user{index}@example.net" for index in range(BURST))
     assert proxy.counts.peak <= PER_DOMAIN_LIMIT
@@ -91,7 +84,9 @@ def test_postfix_next_hop_relays_message(daemon_factory):
             daemon, "alice@example.org", ["bob@example.net", "carol@example.net"], body
         )
         [message] = sink.wait_for(1)
-        wait_until(lambda: daemon.spool_parts("example.net") == [], "spool to empty")
+        wait_until(
+            lambda: daemon.spool_parts("example.net") == [], what="spool to empty"
+        )
         [queue_id] = postfix.queue_ids()
         postfix_log = postfix.log()
     assert message.sender == "alice@example.org"
@@ -123,7 +118,9 @@ def test_postfix_rejected_recipient_bounces(daemon_factory):
         send(daemon, "alice@localhost", ["nobody@example.net", "bob@example.net"], body)
         [dsn_raw] = daemon.wait_for_mailbox("localhost", "alice")
         [message] = sink.wait_for(1)
-        wait_until(lambda: daemon.spool_parts("example.net") == [], "spool to empty")
+        wait_until(
+            lambda: daemon.spool_parts("example.net") == [], what="spool to empty"
+        )
     assert message.recipients == ("bob@example.net",)
     dsn = email.message_from_bytes(dsn_raw, policy=email.policy.SMTPUTF8)
     status = list(dsn.iter_parts())[1].as_string()

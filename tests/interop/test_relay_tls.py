@@ -13,12 +13,12 @@ from __future__ import annotations
 import base64
 import re
 import smtplib
-import time
 from pathlib import Path
 
 import pytest
 import trustme
 from postfix import SaslUser, TlsFiles, run_postfix
+from harness import wait_until
 from sink import run_sink
 
 from trimta.config.load import load_file
@@ -73,15 +73,6 @@ def send(daemon, sender: str, recipient: str, subject: str) -> None:
         client.sendmail(sender, [recipient], body)
 
 
-def wait_until(predicate, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def wait_for_deferral(daemon, domain: str = "example.net") -> dict:
     """Wait until a part was tried once and deferred, and return its recipient."""
     wait_until(lambda: "deferred mid=" in daemon.log(), what="a deferral")
@@ -125,7 +116,9 @@ def test_required_tls_with_trusted_ca_delivers(daemon_factory, certificates):
         daemon = daemon_factory(**route_config(route))
         send(daemon, "alice@example.org", "bob@example.net", "required")
         [message] = sink.wait_for(1)
-        wait_until(lambda: daemon.spool_parts("example.net") == [], "spool to empty")
+        wait_until(
+            lambda: daemon.spool_parts("example.net") == [], what="spool to empty"
+        )
     assert "using TLS" in received_by_postfix(message)
     assert b"secret body of required" in message.message
 
