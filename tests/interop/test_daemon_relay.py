@@ -94,7 +94,7 @@ def test_4xx_deferred_then_delivered(daemon_factory, tmp_path):
         port = soft.port
         daemon = daemon_factory(**relay_config(port, delivery='min_backoff = "2s"'))
         send(daemon, "alice@example.org", ["bob@example.net"], b"Subject: later\r\n\r\nx\r\n")
-        wait_until(lambda: "result=deferred" in daemon.log(), what="a deferral")
+        wait_until(lambda: "deferred mid=" in daemon.log(), what="a saved deferral")
         [envelope] = daemon.spool_parts("example.net")
         assert envelope["attempts"] == 1
         assert envelope["recipients"][0]["state"] == "pending"
@@ -123,7 +123,7 @@ def test_unreachable_route_defers(daemon_factory, tmp_path):
         port = sink.port
     daemon = daemon_factory(**relay_config(port))
     send(daemon, "alice@example.org", ["bob@example.net"], b"Subject: nobody home\r\n\r\nx\r\n")
-    wait_until(lambda: "result=deferred" in daemon.log(), what="a deferral")
+    wait_until(lambda: "deferred mid=" in daemon.log(), what="a saved deferral")
     [envelope] = daemon.spool_parts("example.net")
     assert "connect failed" in envelope["recipients"][0]["last_error"]
     assert envelope["next_attempt"] > envelope["arrival"] + 200

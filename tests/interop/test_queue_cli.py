@@ -43,7 +43,7 @@ def test_list_shows_states_and_summary(daemon_factory):
     daemon = queue_daemon(daemon_factory, free_port())
     held = send(daemon, "alice@example.org", "bob@held.example", "held one")
     deferred = send(daemon, "alice@example.org", "carol@example.net", "deferred one")
-    wait_until(lambda: "result=deferred" in daemon.log(), what="a deferral")
+    wait_until(lambda: "deferred mid=" in daemon.log(), what="a saved deferral")
 
     result = queue_cli(daemon, "list", "--json")
     assert result.returncode == 0, result.stderr
@@ -81,7 +81,7 @@ def test_flush_delivers_deferred_mail_now(daemon_factory):
     port = free_port()
     daemon = queue_daemon(daemon_factory, port)
     send(daemon, "alice@example.org", "carol@example.net")
-    wait_until(lambda: "result=deferred" in daemon.log(), what="a deferral")
+    wait_until(lambda: "deferred mid=" in daemon.log(), what="a saved deferral")
     with run_sink(port=port) as sink:
         result = queue_cli(daemon, "flush", "example.net")
         assert result.returncode == 0, result.stderr
@@ -106,7 +106,7 @@ def test_hold_and_release_message(daemon_factory):
     port = free_port()
     daemon = queue_daemon(daemon_factory, port)
     mid = send(daemon, "alice@example.org", "carol@example.net")
-    wait_until(lambda: "result=deferred" in daemon.log(), what="a deferral")
+    wait_until(lambda: "deferred mid=" in daemon.log(), what="a saved deferral")
     assert queue_cli(daemon, "hold", mid).returncode == 0
     [envelope] = daemon.spool_parts("example.net")
     assert envelope["held"] is True
